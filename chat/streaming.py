@@ -1,0 +1,55 @@
+"""Server-sent events over StreamingHttpResponse (the rules of design.md, rule 4)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+from django.http import StreamingHttpResponse
+
+from .replies import HEARTBEAT, ReplyEnd
+
+# daphne sends the headers with the first body chunk, so one goes out at once.
+STREAM_OPEN = b": stream open\n\n"
+PING = b": ping\n\n"
+
+
+def sse_event(data: dict, event: str | None = None) -> bytes:
+    payload = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {payload}\n\n".encode()
+
+
+def sse_response(events: AsyncIterator[bytes], status: int = 200) -> StreamingHttpResponse:
+    response = StreamingHttpResponse(events, content_type="text/event-stream", status=status)
+    response["Cache-Control"] = "no-cache"
+    response["X-Accel-Buffering"] = "no"
+    return response
+
+
+async def reply_sse(follow: AsyncIterator, start: dict | None = None) -> AsyncIterator[bytes]:
+    """Frame a reply for the chat page.
+
+    `start` (ids of the new rows) goes first, then `snapshot` (the text so far,
+    for a resumed page), then one `data:` frame per batch of deltas, then `end`
+    with the final status. A client disconnect cancels this generator at its
+    await; the reply itself goes on (rule 1).
+    """
+    yield STREAM_OPEN
+    if start is not None:
+        yield sse_event(start, "start")
+    first = True
+    async for item in follow:
+        if item is HEARTBEAT:
+            yield PING
+        elif isinstance(item, ReplyEnd):
+            yield sse_event(
+                {"status": item.status, "error": item.error, "finish_reason": item.finish_reason},
+                "end",
+            )
+            return
+        elif first:
+            yield sse_event({"t": item}, "snapshot")
+        elif item:
+            yield sse_event({"t": item})
+        first = False

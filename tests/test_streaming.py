@@ -1,0 +1,320 @@
+"""The reply pipeline through the real ASGI application (design.md, the reply pipeline)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from chat import replies, services
+from chat.llm import Delta, ProviderError
+from chat.models import Conversation, Message
+from tests.conftest import AsgiStream
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+async def _wait_finished(message_id: int, timeout: float = 5) -> Message:
+    for _ in range(int(timeout / 0.02)):
+        message = await Message.objects.aget(pk=message_id)
+        if message.status != Message.Status.STREAMING and replies.reply_get(message_id) is None:
+            return message
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"reply {message_id} still streaming")
+
+
+async def _send(cookie: str, content: str = "hello", model: str = "scripted", path="/c/send/"):
+    stream = AsgiStream("POST", path, cookie=cookie, form={"content": content, "model": model})
+    assert await stream.start() == 200
+    return stream
+
+
+async def _count_writes(monkeypatch) -> dict:
+    counts = {"checkpoint": 0, "finish": 0}
+    checkpoint, finish = services.reply_checkpoint, services.reply_finish
+
+    def counting_checkpoint(**kwargs):
+        counts["checkpoint"] += 1
+        return checkpoint(**kwargs)
+
+    def counting_finish(**kwargs):
+        counts["finish"] += 1
+        return finish(**kwargs)
+
+    monkeypatch.setattr(services, "reply_checkpoint", counting_checkpoint)
+    monkeypatch.setattr(services, "reply_finish", counting_finish)
+    return counts
+
+
+async def test_send_streams_deltas_in_order_before_upstream_finishes(
+    user, scripted, asgi_login, monkeypatch
+):
+    writes = await _count_writes(monkeypatch)
+    stream = await _send(await asgi_login(user))
+    assert stream.headers["content-type"] == "text/event-stream"
+    assert stream.headers["cache-control"] == "no-cache"
+    assert stream.headers["x-accel-buffering"] == "no"
+    assert await stream.chunk() == b": stream open\n\n"
+    events = stream.events()
+    name, start = await anext(events)
+    assert name == "start"
+    user_message = await Message.objects.aget(pk=start["user_message"])
+    assert user_message.content == "hello"  # committed before the upstream was called
+    assert (await anext(events)) == ("snapshot", {"t": ""})
+
+    received = []
+    for token in ["Hel", "lo ", "world"]:
+        await scripted.script.put(token)
+        name, data = await anext(events)  # arrives while the upstream is still open
+        received.append(data["t"])
+    assert received == ["Hel", "lo ", "world"]
+    assert not scripted.closed.is_set()
+
+    await scripted.script.put(Delta(finish_reason="stop", prompt_tokens=7, completion_tokens=3))
+    await scripted.script.put(None)
+    name, end = await anext(events)
+    assert name == "end"
+    assert end["status"] == "complete"
+
+    reply = await _wait_finished(start["assistant_message"])
+    assert reply.content == "Hello world"
+    assert reply.status == Message.Status.COMPLETE
+    assert reply.finish_reason == "stop"
+    assert (reply.prompt_tokens, reply.completion_tokens) == (7, 3)
+    assert reply.ttft_ms is not None and reply.duration_ms is not None
+    assert writes["finish"] == 1
+    assert writes["checkpoint"] == 0  # a 0.1 s reply needs no checkpoint
+
+
+async def test_long_reply_writes_a_bounded_number_of_checkpoints(
+    user, scripted, asgi_login, monkeypatch, settings
+):
+    settings.CHAT_CHECKPOINT_SECONDS = 0.2
+    writes = await _count_writes(monkeypatch)
+    stream = await _send(await asgi_login(user))
+    events = stream.events()
+    _, start = await anext(events)
+    # 2,000 tokens over ~1 s: at most ~1 s / 0.2 s checkpoints, never one per token.
+    for i in range(2000):
+        await scripted.script.put(f"t{i} ")
+        if i % 200 == 0:
+            await asyncio.sleep(0.1)
+    await scripted.script.put(None)
+    async for name, _data in events:
+        if name == "end":
+            break
+    reply = await _wait_finished(start["assistant_message"])
+    assert reply.content == "".join(f"t{i} " for i in range(2000))
+    assert writes["finish"] == 1
+    assert 1 <= writes["checkpoint"] <= 8
+
+
+async def test_checkpoint_stores_text_while_streaming(user, scripted, asgi_login, settings):
+    settings.CHAT_CHECKPOINT_SECONDS = 0.05
+    stream = await _send(await asgi_login(user))
+    events = stream.events()
+    _, start = await anext(events)
+    await scripted.script.put("partial ")
+    await anext(events)
+    await asyncio.sleep(0.1)
+    await scripted.script.put("text")
+    await anext(events)
+    for _ in range(100):
+        row = await Message.objects.aget(pk=start["assistant_message"])
+        if row.content:
+            break
+        await asyncio.sleep(0.02)
+    assert row.status == Message.Status.STREAMING
+    assert row.content.startswith("partial")
+    await scripted.script.put(None)
+    await _wait_finished(start["assistant_message"])
+
+
+async def test_stop_closes_upstream_and_keeps_text(user, scripted, asgi_login):
+    cookie = await asgi_login(user)
+    stream = await _send(cookie)
+    events = stream.events()
+    _, start = await anext(events)
+    await anext(events)  # snapshot
+    await scripted.script.put("kept text")
+    await anext(events)
+
+    stop = AsgiStream(
+        "POST", f"/c/{start['conversation']}/m/{start['assistant_message']}/stop/", cookie=cookie
+    )
+    assert await stop.start() == 200
+    assert b'"stopped"' in await stop.chunk()
+    assert scripted.closed.is_set()  # the upstream stream was closed at once
+
+    name, end = await anext(events)
+    assert (name, end["status"]) == ("end", "stopped")
+    reply = await _wait_finished(start["assistant_message"])
+    assert reply.status == Message.Status.STOPPED
+    assert reply.content == "kept text"
+
+
+async def test_client_disconnect_lets_reply_finish_and_save(user, scripted, asgi_login):
+    stream = await _send(await asgi_login(user))
+    events = stream.events()
+    _, start = await anext(events)
+    await anext(events)
+    await scripted.script.put("before ")
+    await anext(events)
+    await stream.disconnect()  # tab closed
+
+    await scripted.script.put("after")
+    await scripted.script.put(None)
+    reply = await _wait_finished(start["assistant_message"])
+    assert reply.status == Message.Status.COMPLETE
+    assert reply.content == "before after"
+
+
+async def test_resume_replays_stored_text_then_tails(user, scripted, asgi_login):
+    cookie = await asgi_login(user)
+    stream = await _send(cookie)
+    events = stream.events()
+    _, start = await anext(events)
+    await anext(events)
+    await scripted.script.put("first ")
+    await anext(events)
+    await stream.disconnect()  # reload
+
+    resumed = AsgiStream(
+        "GET", f"/c/{start['conversation']}/m/{start['assistant_message']}/stream/", cookie=cookie
+    )
+    assert await resumed.start() == 200
+    tail = resumed.events()
+    assert await anext(tail) == ("snapshot", {"t": "first "})
+    await scripted.script.put("second")
+    assert await anext(tail) == ("message", {"t": "second"})
+    await scripted.script.put(None)
+    name, end = await anext(tail)
+    assert (name, end["status"]) == ("end", "complete")
+
+
+async def test_resume_of_finished_reply_sends_stored_text_and_end(user, scripted, asgi_login):
+    cookie = await asgi_login(user)
+    stream = await _send(cookie)
+    events = stream.events()
+    _, start = await anext(events)
+    await scripted.script.put("all done")
+    await scripted.script.put(None)
+    await _wait_finished(start["assistant_message"])
+    resumed = AsgiStream(
+        "GET", f"/c/{start['conversation']}/m/{start['assistant_message']}/stream/", cookie=cookie
+    )
+    await resumed.start()
+    got = [e async for e in resumed.events()]
+    assert got == [
+        ("snapshot", {"t": "all done"}),
+        ("end", {"status": "complete", "error": "", "finish_reason": ""}),
+    ]
+
+
+async def test_upstream_error_before_first_token_saves_error_row(user, scripted, asgi_login):
+    stream = await _send(await asgi_login(user))
+    events = stream.events()
+    _, start = await anext(events)
+    await anext(events)
+    await scripted.script.put(ProviderError("The model server failed (HTTP 500)."))
+    name, end = await anext(events)
+    assert (name, end["status"]) == ("end", "error")
+    assert "HTTP 500" in end["error"]
+    reply = await _wait_finished(start["assistant_message"])
+    assert reply.status == Message.Status.ERROR
+    assert reply.error == "The model server failed (HTTP 500)."
+    assert reply.content == ""
+    # The user's message is kept and the conversation stays usable.
+    assert await Message.objects.filter(pk=start["user_message"]).aexists()
+    cookie = dict(stream.communicator.scope["headers"])[b"cookie"].decode()
+    again = await _send(cookie, "retry", path=f"/c/{start['conversation']}/send/")
+    _, start2 = await anext(again.events())
+    await scripted.script.put("works")
+    await scripted.script.put(None)
+    assert (await _wait_finished(start2["assistant_message"])).content == "works"
+
+
+async def test_upstream_cut_mid_reply_keeps_partial_text(user, scripted, asgi_login):
+    stream = await _send(await asgi_login(user))
+    events = stream.events()
+    _, start = await anext(events)
+    await anext(events)
+    await scripted.script.put("partial")
+    await anext(events)
+    await scripted.script.put(ProviderError("The connection to the model server was lost."))
+    name, end = await anext(events)
+    assert (name, end["status"]) == ("end", "error")
+    reply = await _wait_finished(start["assistant_message"])
+    assert (reply.status, reply.content) == (Message.Status.ERROR, "partial")
+    assert "lost" in reply.error
+
+
+async def test_heartbeat_while_upstream_is_silent(user, scripted, asgi_login, settings):
+    settings.CHAT_HEARTBEAT_SECONDS = 0.1
+    stream = await _send(await asgi_login(user))
+    await stream.chunk()  # open
+    await stream.chunk()  # start
+    await stream.chunk()  # snapshot
+    assert await stream.chunk(timeout=2) == b": ping\n\n"
+    await scripted.script.put(None)
+
+
+async def test_two_sends_in_one_conversation_keep_order(user, scripted, asgi_login):
+    cookie = await asgi_login(user)
+    first = await _send(cookie, "one")
+    events = first.events()
+    _, start = await anext(events)
+    conversation = start["conversation"]
+    second = await _send(cookie, "two", path=f"/c/{conversation}/send/")
+    second_events = second.events()
+    _, start2 = await anext(second_events)
+    await scripted.script.put(None)
+    await scripted.script.put(None)
+    await _wait_finished(start["assistant_message"])
+    await _wait_finished(start2["assistant_message"])
+    rows = [m async for m in Message.objects.filter(conversation_id=conversation).order_by("id")]
+    assert [(m.role, m.content) for m in rows if m.role == "user"] == [
+        ("user", "one"),
+        ("user", "two"),
+    ]
+    second_user = next(m for m in rows if m.content == "two")
+    # The second prompt follows the first reply; each reply answers its own prompt.
+    assert second_user.parent_id == start["assistant_message"]
+    reply2 = await Message.objects.aget(pk=start2["assistant_message"])
+    assert reply2.parent_id == second_user.pk
+
+
+async def test_unknown_model_is_refused_before_any_write(user, scripted, asgi_login):
+    stream = AsgiStream(
+        "POST", "/c/send/", cookie=await asgi_login(user), form={"content": "x", "model": "nope"}
+    )
+    assert await stream.start() == 400
+    assert not await Conversation.objects.aexists()
+    assert scripted.calls == []
+
+
+async def test_oversized_message_is_refused_before_any_write(
+    user, scripted, asgi_login, settings
+):
+    settings.CHAT_MAX_MESSAGE_CHARS = 1000
+    stream = AsgiStream(
+        "POST",
+        "/c/send/",
+        cookie=await asgi_login(user),
+        form={"content": "x" * 200_000, "model": "scripted"},
+    )
+    assert await stream.start() == 413
+    assert not await Conversation.objects.aexists()
+    assert not await Message.objects.aexists()
+    assert scripted.calls == []
+
+
+async def test_concurrent_reply_limit(user, scripted, asgi_login, settings):
+    settings.CHAT_MAX_CONCURRENT_REPLIES = 1
+    cookie = await asgi_login(user)
+    first = await _send(cookie)
+    _, start = await anext(first.events())
+    refused = AsgiStream("POST", "/c/send/", cookie=cookie, form={"content": "x", "model": "scripted"})
+    assert await refused.start() == 429
+    await scripted.script.put(None)
+    await _wait_finished(start["assistant_message"])
