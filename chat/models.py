@@ -132,3 +132,34 @@ class SiteOwner(models.Model):
     id = models.PositiveSmallIntegerField(primary_key=True, default=1)
     user = models.OneToOneField(settings.AUTH_USER_MODEL, on_delete=models.CASCADE)
     claimed = models.DateTimeField(auto_now_add=True)
+
+
+class ApiKeyQuerySet(models.QuerySet):
+    def active(self) -> ApiKeyQuerySet:
+        return self.filter(revoked=None)
+
+
+class ApiKey(models.Model):
+    """A user's key for the OpenAI-compatible API. Only a hash of the key is stored."""
+
+    PREFIX = "cs-"
+
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_keys"
+    )
+    name = models.CharField(max_length=100)
+    # The first characters, to tell keys apart in lists; not enough to use one.
+    hint = models.CharField(max_length=16)
+    hashed = models.CharField(max_length=64, unique=True)
+    created = models.DateTimeField(auto_now_add=True)
+    last_used = models.DateTimeField(null=True, blank=True)
+    revoked = models.DateTimeField(null=True, blank=True)
+
+    objects = ApiKeyQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created"]
+        verbose_name = "API key"
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.hint}…)"

@@ -34,6 +34,8 @@ class ReplyEnd:
     status: str
     error: str = ""
     finish_reason: str = ""
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
 
 
 class Reply:
@@ -69,7 +71,12 @@ class Reply:
         )
 
     def stop(self) -> None:
+        """The user pressed stop: the reply ends `stopped` with the text so far."""
         self.stop_requested = True
+        self.abandon()
+
+    def abandon(self) -> None:
+        """Nobody will read this reply (an API client left): it ends `interrupted`."""
         if self._task and not self._task.done():
             self._task.cancel()
 
@@ -144,6 +151,8 @@ class Reply:
         if self._checkpoint is not None:
             with contextlib.suppress(Exception):
                 await self._checkpoint
+        end.prompt_tokens = usage.get("prompt_tokens")
+        end.completion_tokens = usage.get("completion_tokens")
         self.end = end
         try:
             await sync_to_async(services.reply_finish)(
@@ -151,8 +160,8 @@ class Reply:
                 content=self.text,
                 status=end.status,
                 finish_reason=end.finish_reason,
-                prompt_tokens=usage.get("prompt_tokens"),
-                completion_tokens=usage.get("completion_tokens"),
+                prompt_tokens=end.prompt_tokens,
+                completion_tokens=end.completion_tokens,
                 ttft_ms=ttft_ms,
                 duration_ms=int((time.monotonic() - started) * 1000),
                 error=end.error,

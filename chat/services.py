@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import secrets
 import time
 from datetime import timedelta
 
@@ -12,7 +14,7 @@ from django.db import IntegrityError, OperationalError, transaction
 from django.utils import timezone
 
 from .llm import ChatMessage
-from .models import Conversation, Message, SiteOwner
+from .models import ApiKey, Conversation, Message, SiteOwner
 from .text import clean_text
 
 log = logging.getLogger(__name__)
@@ -140,6 +142,47 @@ def message_send(
     conversation.current_leaf = assistant
     conversation.model = model
     return user_message, assistant
+
+
+def api_conversation_create(
+    *,
+    key: ApiKey,
+    model: str,
+    messages: list[tuple[str, str]],
+    max_tokens: int | None,
+    temperature: float | None,
+) -> tuple[Conversation, Message]:
+    """Store one API call as a conversation: its messages, then a streaming reply row."""
+    check_reply_quota(key.owner)
+    system = "\n\n".join(clean_text(content) for role, content in messages if role == "system")
+    turns = [(role, clean_text(content)) for role, content in messages if role != "system"]
+    first_user = next((content for role, content in turns if role == "user"), "")
+    with transaction.atomic():
+        conversation = Conversation.objects.create(
+            owner=key.owner,
+            model=model,
+            title=first_user.strip()[:80],
+            system_prompt=system,
+            source=Conversation.Source.API,
+            api_key_name=key.name,
+            max_tokens=max_tokens,
+            temperature=temperature,
+        )
+        parent = None
+        for role, content in turns:
+            parent = Message.objects.create(
+                conversation=conversation, parent=parent, role=role, content=content
+            )
+        assistant = Message.objects.create(
+            conversation=conversation,
+            parent=parent,
+            role=Message.Role.ASSISTANT,
+            status=Message.Status.STREAMING,
+            model=model,
+        )
+        conversation.current_leaf = assistant
+        conversation.save(update_fields=["current_leaf"])
+    return conversation, assistant
 
 
 def reply_regenerate(*, conversation: Conversation, reply: Message, model: str) -> Message:
@@ -277,3 +320,24 @@ def replies_sweep(*, older_than: timedelta | None = None, exclude_ids=()) -> int
         error="The server stopped before this reply finished.",
         updated=timezone.now(),
     )
+
+
+def api_key_hash(raw_key: str) -> str:
+    # Keys are 256 random bits, so a fast hash is enough: nothing to brute-force.
+    return hashlib.sha256(raw_key.encode()).hexdigest()
+
+
+def api_key_create(*, owner, name: str) -> tuple[ApiKey, str]:
+    """A new key for `owner`; the raw key is returned once and never stored."""
+    raw_key = ApiKey.PREFIX + secrets.token_urlsafe(32)
+    key = ApiKey.objects.create(
+        owner=owner,
+        name=clean_text(name).strip()[:100] or "default",
+        hint=raw_key[:10],
+        hashed=api_key_hash(raw_key),
+    )
+    return key, raw_key
+
+
+def api_key_revoke(*, key: ApiKey) -> None:
+    ApiKey.objects.filter(pk=key.pk, revoked=None).update(revoked=timezone.now())

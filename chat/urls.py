@@ -1,6 +1,6 @@
 from django.urls import path
 
-from . import views
+from . import api, views
 
 app_name = "chat"
 
@@ -16,4 +16,8 @@ urlpatterns = [
         views.reply_regenerate,
         name="reply_regenerate",
     ),
+    path("keys/", views.api_keys, name="api_keys"),
+    path("keys/<int:key_id>/revoke/", views.api_key_revoke, name="api_key_revoke"),
+    path("v1/models", api.models_list, name="api_models"),
+    path("v1/chat/completions", api.chat_completions, name="api_chat_completions"),
 ]

@@ -6,12 +6,12 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.contrib.auth.decorators import login_required
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
-from django.shortcuts import redirect
+from django.shortcuts import get_object_or_404, redirect
 from django.template.response import TemplateResponse
-from django.views.decorators.http import require_GET, require_POST
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from . import llm, replies, services
-from .models import Conversation, Message
+from .models import ApiKey, Conversation, Message
 from .streaming import reply_sse, sse_response
 
 
@@ -172,3 +172,28 @@ async def reply_stop(request: HttpRequest, pk: int, message_id: int) -> HttpResp
         # Generating in another process that we cannot reach without Redis.
         return _error("This reply is generating on another server process.", 409)
     return JsonResponse({"status": message.status})
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def api_keys(request: HttpRequest) -> HttpResponse:
+    """List, create (shown once) and revoke the user's API keys."""
+    new_key = None
+    if request.method == "POST":
+        _, new_key = services.api_key_create(
+            owner=request.user, name=request.POST.get("name", "")
+        )
+    keys = ApiKey.objects.filter(owner=request.user)
+    return TemplateResponse(
+        request,
+        "chat/api_keys.html",
+        {"keys": keys, "new_key": new_key, "base_url": request.build_absolute_uri("/v1")},
+    )
+
+
+@login_required
+@require_POST
+def api_key_revoke(request: HttpRequest, key_id: int) -> HttpResponse:
+    key = get_object_or_404(ApiKey, pk=key_id, owner=request.user)
+    services.api_key_revoke(key=key)
+    return redirect("chat:api_keys")

@@ -19,6 +19,7 @@ CSRF_SECRET = "a" * 32
 
 @pytest.fixture(autouse=True)
 def _test_settings(settings):
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
     settings.CHAT_FAKE_MODEL = True
     settings.CHAT_DEFAULT_MODEL = "fake"
     settings.LOCAL_MODEL_PATH = "off"

@@ -29,9 +29,13 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-@functools.cache
 def configured_providers() -> list[Provider]:
     """The providers the settings ask for, built once per process."""
+    return _build_providers()
+
+
+@functools.cache
+def _build_providers() -> list[Provider]:
     providers: list[Provider] = []
     if settings.CHAT_FAKE_MODEL:
         from .fake import FakeProvider
@@ -73,7 +77,7 @@ def configured_providers() -> list[Provider]:
 @receiver(setting_changed)
 def _reset_providers(*, setting: str, **kwargs) -> None:
     if setting.startswith(("OPENAI_", "LOCAL_MODEL_", "CHAT_FAKE_MODEL")):
-        configured_providers.cache_clear()
+        _build_providers.cache_clear()
 
 
 async def available_models() -> list[ModelInfo]:

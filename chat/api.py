@@ -1,0 +1,318 @@
+"""The OpenAI-compatible API: /v1/models and /v1/chat/completions with per-user keys.
+
+Every call is stored as a conversation of the key's owner and served by the
+same reply pipeline as the browser. Unlike a browser, an API client that
+disconnects has nobody to resume for it, so its reply is abandoned at once
+(status `interrupted`) and the upstream closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.utils import timezone
+from django.views.decorators.csrf import csrf_exempt
+from django.views.decorators.http import require_GET, require_POST
+
+from . import llm, replies, services
+from .models import ApiKey, Message
+from .replies import HEARTBEAT, ReplyEnd
+from .streaming import STREAM_OPEN, PING, sse_response
+
+ROLES = {"system", "developer", "user", "assistant"}
+
+
+class ApiError(Exception):
+    """An error answered in OpenAI's JSON shape."""
+
+    def __init__(
+        self,
+        message: str,
+        status: int = 400,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ):
+        super().__init__(message)
+        self.status, self.type, self.param, self.code = status, type, param, code
+
+    def body(self) -> dict:
+        return {
+            "error": {"message": str(self), "type": self.type, "param": self.param, "code": self.code}
+        }
+
+    def response(self) -> JsonResponse:
+        return JsonResponse(self.body(), status=self.status)
+
+
+async def _authenticate(request: HttpRequest) -> ApiKey:
+    header = request.headers.get("Authorization", "")
+    scheme, _, raw_key = header.partition(" ")
+    if scheme.lower() != "bearer" or not raw_key.strip():
+        raise ApiError(
+            "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'; "
+            "create one on the API keys page.",
+            401,
+            code="invalid_api_key",
+        )
+    key = (
+        await ApiKey.objects.active()
+        .select_related("owner")
+        .filter(hashed=services.api_key_hash(raw_key.strip()), owner__is_active=True)
+        .afirst()
+    )
+    if key is None:
+        raise ApiError("Incorrect API key provided.", 401, code="invalid_api_key")
+    now = timezone.now()
+    if key.last_used is None or (now - key.last_used).total_seconds() > 60:
+        # At most one write a minute per key, not one per request.
+        await ApiKey.objects.filter(pk=key.pk).aupdate(last_used=now)
+    return key
+
+
+def _api_view(view):
+    """CSRF-exempt (keys, not cookies), key-authenticated, errors in OpenAI's shape."""
+
+    @csrf_exempt
+    async def wrapped(request: HttpRequest, *args, **kwargs) -> HttpResponse:
+        try:
+            key = await _authenticate(request)
+            return await view(request, key, *args, **kwargs)
+        except ApiError as exc:
+            return exc.response()
+
+    wrapped.__name__ = view.__name__
+    wrapped.__doc__ = view.__doc__
+    return wrapped
+
+
+@require_GET
+@_api_view
+async def models_list(request: HttpRequest, key: ApiKey) -> HttpResponse:
+    created = int(time.time())
+    data = [
+        {"id": m.id, "object": "model", "created": created, "owned_by": m.provider.name}
+        for m in await llm.available_models()
+    ]
+    return JsonResponse({"object": "list", "data": data})
+
+
+def _text_content(content, index: int) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text":
+                raise ApiError(
+                    "Only text content parts are supported.", param=f"messages[{index}].content"
+                )
+            if not isinstance(part.get("text"), str):
+                raise ApiError(
+                    "A text content part needs a string 'text'.",
+                    param=f"messages[{index}].content",
+                )
+            parts.append(part["text"])
+        return "".join(parts)
+    raise ApiError(
+        "'content' must be a string or a list of text parts.", param=f"messages[{index}].content"
+    )
+
+
+def parse_completion_request(body: bytes) -> dict:
+    """Validate a chat-completions body; every problem is a 400 naming the field."""
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError("The request body is not valid JSON.") from None
+    if not isinstance(data, dict):
+        raise ApiError("The request body must be a JSON object.")
+    model = data.get("model")
+    if not isinstance(model, str) or not model:
+        raise ApiError("'model' is required and must be a string.", param="model")
+    messages = data.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError("'messages' must be a non-empty array.", param="messages")
+    parsed = []
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise ApiError("Each message must be an object.", param=f"messages[{index}]")
+        role = message.get("role")
+        if role not in ROLES:
+            raise ApiError(
+                f"Unsupported role {role!r}; use system, developer, user or assistant.",
+                param=f"messages[{index}].role",
+            )
+        content = _text_content(message.get("content"), index)
+        if len(content) > settings.CHAT_MAX_MESSAGE_CHARS:
+            raise ApiError(
+                f"Message {index} is too long ({len(content):,} characters; the limit is "
+                f"{settings.CHAT_MAX_MESSAGE_CHARS:,}).",
+                413,
+                param=f"messages[{index}].content",
+            )
+        parsed.append(("system" if role == "developer" else role, content))
+    if not any(role == "user" for role, _ in parsed):
+        raise ApiError("'messages' must contain at least one user message.", param="messages")
+    stream = data.get("stream", False)
+    if not isinstance(stream, bool):
+        raise ApiError("'stream' must be a boolean.", param="stream")
+    options = data.get("stream_options") or {}
+    if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
+        raise ApiError("'stream_options' must be an object.", param="stream_options")
+    max_tokens = data.get("max_completion_tokens", data.get("max_tokens"))
+    if max_tokens is not None and (
+        isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1
+    ):
+        raise ApiError("'max_tokens' must be a positive integer.", param="max_tokens")
+    temperature = data.get("temperature")
+    if temperature is not None and (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, int | float)
+        or not 0 <= temperature <= 2
+    ):
+        raise ApiError("'temperature' must be a number from 0 to 2.", param="temperature")
+    return {
+        "model": model,
+        "messages": parsed,
+        "stream": stream,
+        "include_usage": bool(options.get("include_usage", False)),
+        "max_tokens": min(max_tokens or settings.CHAT_MAX_TOKENS, settings.CHAT_MAX_TOKENS),
+        "temperature": temperature,
+    }
+
+
+@require_POST
+@_api_view
+async def chat_completions(request: HttpRequest, key: ApiKey) -> HttpResponse:
+    try:
+        body = request.body
+    except RequestDataTooBig:
+        raise ApiError(
+            f"The request body is larger than {settings.DATA_UPLOAD_MAX_MEMORY_SIZE:,} bytes.", 413
+        ) from None
+    req = parse_completion_request(body)
+    model = await llm.resolve(req["model"])
+    if model is None:
+        raise ApiError(
+            f"The model '{req['model']}' does not exist.", 404, param="model", code="model_not_found"
+        )
+    try:
+        conversation, assistant = await sync_to_async(services.api_conversation_create)(
+            key=key,
+            model=model.id,
+            messages=req["messages"],
+            max_tokens=req["max_tokens"],
+            temperature=req["temperature"],
+        )
+    except services.InputError as exc:
+        raise ApiError(
+            str(exc),
+            exc.status,
+            type="rate_limit_error" if exc.status == 429 else "invalid_request_error",
+            code="rate_limit_exceeded" if exc.status == 429 else None,
+        ) from None
+    context = await sync_to_async(services.reply_context)(
+        conversation, assistant, model.context_chars
+    )
+    params = llm.GenerationParams(
+        model=model.id, max_tokens=req["max_tokens"], temperature=req["temperature"]
+    )
+    reply = replies.reply_start(
+        message_id=assistant.pk, provider=model.provider, messages=context, params=params
+    )
+    completion_id = f"chatcmpl-{assistant.pk}"
+    if req["stream"]:
+        chunks = _completion_chunks(reply, assistant, completion_id, model.id, req["include_usage"])
+        return sse_response(chunks)
+    try:
+        end = await reply.wait()
+    except asyncio.CancelledError:
+        reply.abandon()  # the client went away: nobody will read this reply
+        raise
+    row = await Message.objects.aget(pk=assistant.pk)
+    if end.status == Message.Status.ERROR:
+        raise ApiError(end.error, 502, type="upstream_error", code="upstream_error")
+    return JsonResponse(
+        {
+            "id": completion_id,
+            "object": "chat.completion",
+            "created": int(row.created.timestamp()),
+            "model": model.id,
+            "system_fingerprint": None,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": row.content, "refusal": None},
+                    "logprobs": None,
+                    "finish_reason": row.finish_reason or "stop",
+                }
+            ],
+            "usage": _usage(row),
+        }
+    )
+
+
+def _usage(row: Message) -> dict:
+    prompt, completion = row.prompt_tokens or 0, row.completion_tokens or 0
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+async def _completion_chunks(
+    reply: replies.Reply, assistant: Message, completion_id: str, model: str, include_usage: bool
+) -> AsyncIterator[bytes]:
+    """OpenAI's chunk stream for one reply; leaving early abandons the reply."""
+    created = int(time.time())
+    usage_field = ',"usage":null' if include_usage else ""
+    head = json.dumps(
+        {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model}
+    )[:-1]
+    # Each token costs one json.dumps of its text: the frame around it is fixed.
+    prefix = f'data: {head},"system_fingerprint":null,"choices":[{{"index":0,"delta":'.encode()
+    suffix = f',"logprobs":null,"finish_reason":null}}]{usage_field}}}\n\n'.encode()
+    try:
+        yield STREAM_OPEN
+        yield prefix + b'{"role":"assistant","content":""}' + suffix
+        async for item in replies.reply_follow(assistant):
+            if isinstance(item, str):
+                if item:
+                    yield prefix + b'{"content":' + json.dumps(item).encode() + b"}" + suffix
+            elif item is HEARTBEAT:
+                yield PING
+            elif isinstance(item, ReplyEnd):
+                if item.status == Message.Status.ERROR:
+                    error = ApiError(item.error, 502, type="upstream_error", code="upstream_error")
+                    yield f"data: {json.dumps(error.body())}\n\n".encode()
+                    return
+                yield _final_chunks(head, item, include_usage)
+                yield b"data: [DONE]\n\n"
+                return
+    finally:
+        # A client that left before the end: stop generating for nobody.
+        if reply.end is None:
+            reply.abandon()
+
+
+def _final_chunks(head: str, end: ReplyEnd, include_usage: bool) -> bytes:
+    finish = end.finish_reason or "stop"
+    usage_field = ',"usage":null' if include_usage else ""
+    out = (
+        f'data: {head},"system_fingerprint":null,"choices":[{{"index":0,"delta":{{}},'
+        f'"logprobs":null,"finish_reason":{json.dumps(finish)}}}]{usage_field}}}\n\n'
+    )
+    if include_usage:
+        usage = {
+            "prompt_tokens": end.prompt_tokens or 0,
+            "completion_tokens": end.completion_tokens or 0,
+            "total_tokens": (end.prompt_tokens or 0) + (end.completion_tokens or 0),
+        }
+        out += f'data: {head},"system_fingerprint":null,"choices":[],"usage":{json.dumps(usage)}}}\n\n'
+    return out.encode()
