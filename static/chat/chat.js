@@ -244,15 +244,22 @@
     }
   });
   document.addEventListener("keydown", (event) => {
-    if (event.key === "Escape" && active) stop();
+    if (event.key !== "Escape") return;
+    if (document.body.classList.contains("sidebar-open")) setSidebar(false);
+    else if (active) stop();
   });
   stopButton.addEventListener("click", stop);
 
+  // Phone layout: the sidebar slides over the chat and back.
   const sidebarToggle = document.querySelector(".sidebar-toggle");
-  sidebarToggle?.addEventListener("click", () => {
-    const open = document.body.classList.toggle("sidebar-open");
+  function setSidebar(open) {
+    document.body.classList.toggle("sidebar-open", open);
     sidebarToggle.setAttribute("aria-expanded", String(open));
-  });
+    if (open) document.querySelector("#sidebar input[type=search]").focus();
+    else sidebarToggle.focus();
+  }
+  sidebarToggle.addEventListener("click", () => setSidebar(true));
+  document.querySelector(".sidebar-close").addEventListener("click", () => setSidebar(false));
 
   window.ChatRender.renderAll(document);
   const streaming = messages.querySelector("article[data-status=streaming][data-stream-url]");

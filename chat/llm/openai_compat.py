@@ -1,0 +1,360 @@
+"""OpenAI and OpenAI-compatible servers (Ollama, vLLM, llama.cpp server, LM Studio).
+
+Uses the `openai` package for the request (auth headers, URL building, status
+errors) but reads the SSE body raw and decodes each chunk with `json.loads`:
+building a pydantic object per chunk costs more than everything else on the
+hot path. The HTTP layer is the package's aiohttp client when available.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import logging
+import time
+import weakref
+from collections.abc import AsyncIterator
+from urllib.parse import unquote, urlsplit
+
+import httpx2
+import openai
+
+from .base import ChatMessage, Delta, GenerationParams, ProviderError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
+MODELS_TTL = 60.0  # seconds a successful /models answer is reused
+MODELS_FAILURE_TTL = 10.0  # seconds a failed /models answer is reused (as [])
+MODELS_TIMEOUT = 10.0
+
+_METADATA_HOSTS = frozenset(
+    {
+        "metadata",
+        "metadata.google.internal",
+        "metadata.goog",
+        "instance-data",
+        "instance-data.ec2.internal",
+    }
+)
+_LINK_LOCAL_V4 = ipaddress.IPv4Network("169.254.0.0/16")
+_METADATA_IPS = frozenset(
+    {
+        ipaddress.IPv4Address("100.100.100.200"),  # Alibaba Cloud metadata
+        ipaddress.IPv6Address("fd00:ec2::254"),  # AWS IMDS over IPv6
+    }
+)
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+
+
+# -- base URL validation ------------------------------------------------------------------------
+def _parse_ipv4_any(host: str) -> ipaddress.IPv4Address | None:
+    """Parse an IPv4 address in any spelling inet_aton accepts (decimal, hex, octal, short)."""
+    parts = host.split(".")
+    if not 1 <= len(parts) <= 4:
+        return None
+    nums = []
+    for part in parts:
+        p = part.lower()
+        try:
+            if p.startswith("0x"):
+                n = int(p[2:] or "0", 16)
+            elif len(p) > 1 and p.startswith("0"):
+                n = int(p[1:], 8)
+            else:
+                if not p.isdigit():
+                    return None
+                n = int(p, 10)
+        except ValueError:
+            return None
+        nums.append(n)
+    *head, last = nums
+    if any(n > 255 for n in head) or last >= 256 ** (5 - len(nums)):
+        return None
+    value = last
+    for i, n in enumerate(head):
+        value |= n << (8 * (3 - i))
+    return ipaddress.IPv4Address(value)
+
+
+def _embedded_v4(addr: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    if addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    if addr.sixtofour is not None:
+        return addr.sixtofour
+    if addr in _NAT64 or int(addr) >> 32 == 0:  # NAT64 or IPv4-compatible (::a.b.c.d)
+        return ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF)
+    return None
+
+
+def validate_base_url(url: str) -> str:
+    """Check an endpoint URL before any request goes to it; return it normalised.
+
+    Only http and https. Refuses link-local and cloud-metadata targets
+    (169.254.0.0/16 in any spelling, fe80::/10, IPv4 embedded in IPv6, the
+    metadata host names). Loopback and private ranges are allowed on purpose:
+    self-hosters run Ollama or vLLM on localhost or their LAN. Host names are not
+    resolved here, so DNS pointing at a metadata address is not caught.
+    """
+    if not isinstance(url, str) or not url.strip():
+        raise ValueError("The model server URL is empty.")
+    url = url.strip()
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        raise ValueError("The model server URL is not a valid URL.") from None
+    if parts.scheme.lower() not in ("http", "https"):
+        raise ValueError("The model server URL must start with http:// or https://.")
+    host = unquote(parts.hostname or "").strip().rstrip(".").lower()
+    if not host:
+        raise ValueError("The model server URL has no host name.")
+    if host in _METADATA_HOSTS:
+        raise ValueError("The model server URL points at a cloud metadata service; refused.")
+
+    addr: ipaddress.IPv4Address | ipaddress.IPv6Address | None
+    try:
+        addr = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        addr = _parse_ipv4_any(host)
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.is_link_local:
+            raise ValueError("The model server URL points at a link-local address; refused.")
+        if addr in _METADATA_IPS:
+            raise ValueError("The model server URL points at a cloud metadata service; refused.")
+        addr = _embedded_v4(addr)
+    if addr is not None and (addr in _LINK_LOCAL_V4 or addr in _METADATA_IPS):
+        raise ValueError(
+            "The model server URL points at a link-local or cloud metadata address; refused."
+        )
+    return url.rstrip("/")
+
+
+# -- error mapping ------------------------------------------------------------------------------
+def _status_message(status: int) -> str:
+    if status in (401, 403):
+        return f"The model server rejected the credentials (HTTP {status})."
+    if status == 404:
+        return f"The model server does not know this model (HTTP {status})."
+    if status == 429:
+        return f"The model server is rate limiting requests (HTTP {status}). Try again shortly."
+    if status >= 500:
+        return f"The model server failed (HTTP {status})."
+    if status in (400, 413, 422):
+        return f"The model server rejected the request (HTTP {status})."
+    return f"The model server gave an unexpected answer (HTTP {status})."
+
+
+def _timeout_message(seconds: float) -> str:
+    return f"The model server stopped responding (timed out after {seconds:g} s)."
+
+
+LOST = "The connection to the model server was lost."
+CONNECT_FAILED = "Could not connect to the model server."
+
+
+class OpenAICompatProvider:
+    """A `Provider` for any server speaking the OpenAI chat-completions API."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        base_url: str | None,
+        api_key: str | None,
+        models: list[str] | None = None,
+        connect_timeout: float = 5.0,
+        read_timeout: float = 60.0,
+    ):
+        self.name = name
+        self.base_url = validate_base_url(base_url or DEFAULT_BASE_URL)
+        self._api_key = api_key
+        self._models = list(models) if models else None
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self._timeout = httpx2.Timeout(read_timeout, connect=connect_timeout)
+        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, openai.AsyncOpenAI]
+        self._clients = weakref.WeakKeyDictionary()
+        self._models_cache: tuple[float, list[str]] | None = None
+
+    def __repr__(self) -> str:  # never show the key
+        return f"<OpenAICompatProvider {self.name!r}>"
+
+    # -- clients --------------------------------------------------------------------------------
+    def _client(self) -> openai.AsyncOpenAI:
+        """The AsyncOpenAI client of the running event loop (one per loop)."""
+        loop = asyncio.get_running_loop()
+        client = self._clients.get(loop)
+        if client is None:
+            client = openai.AsyncOpenAI(
+                # A placeholder rather than None: None would make the package read
+                # OPENAI_API_KEY and send OpenAI's key to whatever server this is.
+                api_key=self._api_key or "no-key",
+                base_url=self.base_url,
+                timeout=self._timeout,
+                max_retries=0,  # a retried stream could duplicate tokens
+                http_client=_http_client(self._timeout),
+            )
+            if urlsplit(self.base_url).hostname != "api.openai.com":
+                # OPENAI_ORG_ID / OPENAI_PROJECT_ID are for OpenAI, not for other servers.
+                client.organization = client.project = None
+            self._clients[loop] = client
+        return client
+
+    async def aclose(self) -> None:
+        """Close the client of the running loop (tests, shutdown)."""
+        client = self._clients.pop(asyncio.get_running_loop(), None)
+        if client is not None:
+            await client.close()
+
+    # -- models ---------------------------------------------------------------------------------
+    async def list_models(self) -> list[str]:
+        if self._models:
+            return list(self._models)
+        now = time.monotonic()
+        if self._models_cache is not None and self._models_cache[0] > now:
+            return list(self._models_cache[1])
+        try:
+            page = await self._client().models.list(timeout=min(MODELS_TIMEOUT, self.read_timeout))
+            ids = sorted(m.id for m in page.data if getattr(m, "id", None))
+            ttl = MODELS_TTL
+        except Exception as exc:  # any failure: the picker just shows no models for it
+            log.warning("Listing models of provider %r failed: %s", self.name, _describe(exc))
+            ids, ttl = [], MODELS_FAILURE_TTL
+        self._models_cache = (time.monotonic() + ttl, ids)
+        return list(ids)
+
+    # -- streaming ------------------------------------------------------------------------------
+    async def stream(
+        self, messages: list[ChatMessage], params: GenerationParams
+    ) -> AsyncIterator[Delta]:
+        kwargs: dict = {
+            "model": params.model,
+            "messages": [{"role": m.role, "content": m.content} for m in messages],
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "max_tokens": params.max_tokens,
+        }
+        if params.temperature is not None:
+            kwargs["temperature"] = params.temperature
+        client = self._client()
+        finish: str | None = None
+        usage: dict | None = None
+        try:
+            async with client.chat.completions.with_streaming_response.create(**kwargs) as resp:
+                buf = b""
+                data: list[bytes] = []
+                done = False
+                try:
+                    async for raw in resp.iter_bytes():
+                        buf += raw
+                        *lines, buf = buf.split(b"\n")
+                        for line in lines:
+                            if line.endswith(b"\r"):
+                                line = line[:-1]
+                            if line:
+                                if line.startswith(b"data:"):
+                                    data.append(line[6:] if line[5:6] == b" " else line[5:])
+                                continue  # comments (":"), event:, id:, retry:
+                            if not data:
+                                continue
+                            payload = data[0] if len(data) == 1 else b"\n".join(data)
+                            data = []
+                            if payload == b"[DONE]":
+                                done = True
+                                break
+                            try:
+                                obj = json.loads(payload)
+                            except ValueError:
+                                log.warning("Provider %r sent a malformed chunk", self.name)
+                                continue
+                            if not isinstance(obj, dict):
+                                continue
+                            if obj.get("error"):
+                                raise ProviderError("The model server reported an error.")
+                            u = obj.get("usage")
+                            if isinstance(u, dict):
+                                usage = u
+                            choices = obj.get("choices")
+                            if not choices or not isinstance(choices, list):
+                                continue
+                            choice = choices[0]
+                            if not isinstance(choice, dict):
+                                continue
+                            delta = choice.get("delta")
+                            if isinstance(delta, dict):
+                                text = delta.get("content")
+                                if text and isinstance(text, str):
+                                    yield Delta(text=text)
+                            fr = choice.get("finish_reason")
+                            if fr:
+                                finish = str(fr)
+                        if done:
+                            break
+                except (httpx2.TransportError, OSError) as exc:
+                    # A server that said how it finished but then hung or dropped
+                    # the connection before [DONE] still gave a complete reply.
+                    if finish is None:
+                        if isinstance(exc, httpx2.ReadTimeout):
+                            raise ProviderError(_timeout_message(self.read_timeout)) from None
+                        raise ProviderError(LOST) from None
+        except ProviderError:
+            raise
+        except openai.APIStatusError as exc:
+            log.warning(
+                "Provider %r: HTTP %s from the model server (%s)",
+                self.name,
+                exc.status_code,
+                _error_code(exc),
+            )
+            raise ProviderError(_status_message(exc.status_code)) from None
+        except openai.APITimeoutError as exc:
+            if isinstance(exc.__cause__, httpx2.ConnectTimeout):
+                raise ProviderError(
+                    f"Could not connect to the model server "
+                    f"(timed out after {self.connect_timeout:g} s)."
+                ) from None
+            raise ProviderError(_timeout_message(self.read_timeout)) from None
+        except openai.APIConnectionError as exc:
+            log.warning("Provider %r: %s", self.name, _describe(exc))
+            raise ProviderError(CONNECT_FAILED) from None
+        except openai.OpenAIError as exc:
+            log.warning("Provider %r: %s", self.name, _describe(exc))
+            raise ProviderError("The model server request failed.") from None
+        if finish is not None or usage is not None:
+            yield Delta(
+                finish_reason=finish,
+                prompt_tokens=_int(usage, "prompt_tokens"),
+                completion_tokens=_int(usage, "completion_tokens"),
+            )
+
+
+def _http_client(timeout: httpx2.Timeout) -> httpx2.AsyncClient:
+    try:
+        return openai.DefaultAioHttpClient(timeout=timeout, follow_redirects=False)
+    except RuntimeError:  # the aiohttp extra is not installed
+        return openai.DefaultAsyncHttpxClient(timeout=timeout, follow_redirects=False)
+
+
+def _int(usage: dict | None, key: str) -> int | None:
+    if usage is None:
+        return None
+    value = usage.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _error_code(exc: openai.APIStatusError) -> str:
+    body = exc.body if isinstance(exc.body, dict) else {}
+    err = body.get("error", body) if isinstance(body.get("error", body), dict) else {}
+    return f"type={err.get('type')!r} code={err.get('code')!r}"
+
+
+def _describe(exc: BaseException) -> str:
+    """An exception's class chain, without messages (which may echo URLs or bodies)."""
+    names = [type(exc).__name__]
+    cause = exc.__cause__ or exc.__context__
+    while cause is not None and len(names) < 4:
+        names.append(type(cause).__name__)
+        cause = cause.__cause__ or cause.__context__
+    return " <- ".join(names)

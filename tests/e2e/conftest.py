@@ -1,0 +1,80 @@
+"""Browser tests: Playwright driving Debian's chromium against a live daphne server
+of the project, with the local OpenAI-compatible fake upstream behind it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+from django.test import Client
+
+from chat.llm.fake_upstream import FakeUpstream
+from tests.live import LiveServer
+
+# Playwright's sync API keeps an event loop in this thread; Django's ORM, used
+# here only synchronously between browser steps, would otherwise refuse to run.
+os.environ.setdefault("DJANGO_ALLOW_ASYNC_UNSAFE", "1")
+
+CHROMIUM = os.environ.get("CHROMIUM_PATH") or shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+@pytest.fixture(scope="session")
+def upstream():
+    server = FakeUpstream(gap_ms=0).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def daphne_server(django_db_setup, django_db_blocker, upstream):
+    with django_db_blocker.unblock():
+        server = LiveServer(upstream_url=upstream.base_url)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+def login_cookie(user, daphne_server) -> dict:
+    client = Client()
+    client.force_login(user)
+    return {
+        "name": "sessionid",
+        "value": client.cookies["sessionid"].value,
+        "url": daphne_server.url,
+    }
+
+
+@pytest.fixture
+def page_for(browser, daphne_server, transactional_db):
+    """A fresh browser page logged in as the given user; closed after the test."""
+    contexts = []
+
+    def make(user, **context_options):
+        context = browser.new_context(base_url=daphne_server.url, **context_options)
+        context.add_cookies([login_cookie(user, daphne_server)])
+        contexts.append(context)
+        page = context.new_page()
+        page.set_default_timeout(10_000)
+        return page
+
+    yield make
+    for context in contexts:
+        context.close()

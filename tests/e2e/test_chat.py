@@ -1,0 +1,161 @@
+"""The chat page in real headless Chromium, followed from the browser into the database."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from playwright.sync_api import expect
+
+from chat.models import Message
+
+pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
+
+WORDS = " ".join(f"w{i}" for i in range(20))
+
+
+def _send(page, text: str, model: str):
+    page.goto("/")
+    page.get_by_label("Model").select_option(model)
+    page.get_by_role("textbox", name="Message").fill(text)
+    page.get_by_role("textbox", name="Message").press("Enter")
+    return page.locator("article.message-assistant").last
+
+
+def _wait_row(status_values, timeout=10) -> Message:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        row = Message.objects.filter(role="assistant").order_by("-id").first()
+        if row and row.status in status_values:
+            return row
+        time.sleep(0.05)
+    raise AssertionError(f"no assistant row reached {status_values}")
+
+
+def test_reply_streams_token_by_token_and_is_stored(page_for, user):
+    page = page_for(user)
+    reply = _send(page, WORDS, "fake-slow")
+    states = set()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        states.add(reply.locator(".message-body").inner_text())
+        if reply.get_attribute("data-status") == "complete":
+            break
+        time.sleep(0.05)
+    assert len(states) >= 4, states  # watched it grow through intermediate states
+    expect(reply).to_have_attribute("data-status", "complete")
+    row = _wait_row({"complete"})
+    assert row.content == f"Echo: {WORDS}"
+    assert row.model == "fake-slow"
+    assert row.completion_tokens == 21
+    assert reply.locator(".message-body").inner_text().strip() == row.content
+    assert page.url.endswith(f"/c/{row.conversation_id}/")
+    expect(page.locator("#conversation-list a[aria-current=page]")).to_have_count(1)
+
+
+def test_stop_keeps_what_was_shown(page_for, user):
+    page = page_for(user)
+    reply = _send(page, WORDS, "fake-slow")
+    expect(reply.locator(".message-body")).to_contain_text("w2")
+    page.get_by_role("button", name="Stop").click()
+    expect(reply).to_have_attribute("data-status", "stopped")
+    expect(reply.locator(".status")).to_have_text("Stopped")
+    row = _wait_row({"stopped"})
+    shown = reply.locator(".message-body").inner_text().strip()
+    assert row.content.strip() == shown
+    assert "w19" not in row.content
+    expect(page.get_by_role("button", name="Send")).to_be_visible()
+
+
+def test_escape_stops(page_for, user):
+    page = page_for(user)
+    reply = _send(page, WORDS, "fake-slow")
+    expect(reply.locator(".message-body")).to_contain_text("w1")
+    page.keyboard.press("Escape")
+    expect(reply).to_have_attribute("data-status", "stopped")
+
+
+def test_reload_mid_reply_resumes_and_completes(page_for, user):
+    page = page_for(user)
+    reply = _send(page, WORDS, "fake-slow")
+    expect(reply.locator(".message-body")).to_contain_text("w3")
+    page.reload()
+    resumed = page.locator("article.message-assistant").last
+    expect(resumed).to_have_attribute("data-status", "complete", timeout=15_000)
+    row = _wait_row({"complete"})
+    assert row.content == f"Echo: {WORDS}"
+    assert resumed.locator(".message-body").inner_text().strip() == row.content
+
+
+def test_closed_tab_reply_finishes_and_shows_later(page_for, user):
+    page = page_for(user)
+    reply = _send(page, WORDS, "fake-slow")
+    expect(reply.locator(".message-body")).to_contain_text("w1")
+    page.close()
+    row = _wait_row({"complete"}, timeout=15)
+    later = page_for(user)
+    later.goto(f"/c/{row.conversation_id}/")
+    expect(later.locator("article.message-assistant .message-body")).to_have_text(row.content)
+
+
+def test_upstream_error_shows_readable_reason(page_for, user):
+    page = page_for(user)
+    reply = _send(page, "hello", "fake-error-500")
+    expect(reply).to_have_attribute("data-status", "error")
+    expect(reply.locator(".error-text")).to_contain_text("HTTP 500")
+    assert "UPSTREAM-SECRET-DETAIL" not in page.content()
+    row = _wait_row({"error"})
+    assert "UPSTREAM-SECRET-DETAIL" not in row.error
+    # The user's message is kept and the conversation stays usable.
+    assert Message.objects.filter(role="user", content="hello").exists()
+    page.get_by_label("Model").select_option("fake-echo")
+    page.get_by_role("textbox", name="Message").fill("again")
+    page.get_by_role("button", name="Send").click()
+    expect(page.locator("article.message-assistant").last).to_have_attribute(
+        "data-status", "complete"
+    )
+
+
+def test_model_xss_payload_is_inert_live_and_after_reload(page_for, user, daphne_server):
+    page = page_for(user)
+    dialogs, foreign = [], []
+    page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    page.on(
+        "request",
+        lambda r: foreign.append(r.url) if not r.url.startswith(daphne_server.url) else None,
+    )
+    reply = _send(page, "hi", "fake-xss")
+    expect(reply).to_have_attribute("data-status", "complete")
+    for _ in range(2):
+        body = reply.locator(".message-body")
+        assert body.locator("img, script, svg, iframe").count() == 0
+        assert body.locator("[onerror], [onload]").count() == 0
+        hrefs = [a.get_attribute("href") or "" for a in body.locator("a").all()]
+        assert all(h.startswith(("http:", "https:", "mailto:")) for h in hrefs if h)
+        assert "javascript" not in " ".join(hrefs).lower()
+        page.reload()
+        reply = page.locator("article.message-assistant").last
+        expect(reply).to_have_attribute("data-status", "complete")
+    page.wait_for_timeout(300)
+    assert dialogs == []
+    assert foreign == []
+
+
+def test_model_picker_lists_upstream_models(page_for, user):
+    page = page_for(user)
+    page.goto("/")
+    options = page.get_by_label("Model").locator("option").all_inner_texts()
+    assert "fake-echo" in options and "fake-slow" in options
+
+
+def test_phone_viewport_sidebar_collapses(page_for, user):
+    page = page_for(user, viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
+    page.goto("/")
+    expect(page.get_by_role("button", name="New chat")).not_to_be_in_viewport()
+    page.get_by_role("button", name="Conversations").click()
+    expect(page.get_by_role("button", name="New chat")).to_be_in_viewport()
+    page.get_by_role("button", name="Close sidebar").click()
+    expect(page.get_by_role("button", name="New chat")).not_to_be_in_viewport()
+    reply = _send(page, "hello from a phone", "fake-echo")
+    expect(reply).to_have_attribute("data-status", "complete")
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390

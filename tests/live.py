@@ -1,0 +1,96 @@
+"""A real daphne server of the project, in a subprocess, on the test database.
+
+Used by the browser tests and the API tests: streaming, disconnects and stop
+behave as in production only through a real ASGI server.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from django.db import connection
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_database_url() -> str:
+    """The URL of the database pytest-django created, for the server process."""
+    settings = connection.settings_dict
+    if connection.vendor == "sqlite":
+        return f"sqlite:///{settings['NAME']}"
+    user = settings.get("USER") or "postgres"
+    host = settings.get("HOST") or "127.0.0.1"
+    port = settings.get("PORT") or 5432
+    return f"postgres://{user}@{host}:{port}/{settings['NAME']}"
+
+
+class LiveServer:
+    def __init__(self, *, upstream_url: str, extra_env: dict[str, str] | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {
+            **os.environ,
+            "DJANGO_SETTINGS_MODULE": "chatsite.settings",
+            "DATABASE_URL": test_database_url(),
+            "DATABASE_CONN_MAX_AGE": "0",
+            "OPENAI_BASE_URL": upstream_url,
+            "OPENAI_API_KEY": "test-upstream-key",
+            "OPENAI_MODELS": "",
+            "LOCAL_MODEL_PATH": "off",
+            "CHAT_FAKE_MODEL": "0",
+            "CHAT_DEFAULT_MODEL": "fake-echo",
+            "CHAT_MAX_CONCURRENT_REPLIES": "20",
+            "CHAT_CHECKPOINT_SECONDS": "0.3",
+            "SERVE_STATIC": "1",
+            "DJANGO_DEBUG": "0",
+            **(extra_env or {}),
+        }
+        self.log = open(ROOT / "var" / f"live-{self.port}.log", "w")  # noqa: SIM115
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "daphne",
+                "-e",
+                f"tcp:port={self.port}:interface=127.0.0.1:backlog=512",
+                "chatsite.asgi:application",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        self._wait_ready()
+
+    def _wait_ready(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"daphne exited early; see {self.log.name}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/healthz", timeout=1) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError("daphne did not start")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self.log.close()
