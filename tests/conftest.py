@@ -17,6 +17,12 @@ from chat.llm import ChatMessage, Delta, GenerationParams
 CSRF_SECRET = "a" * 32
 
 
+def pytest_collection_modifyitems(items):
+    # Browser tests last: Playwright's sync API holds an event loop in the main
+    # thread for the rest of the session, which async tests cannot share.
+    items.sort(key=lambda item: item.get_closest_marker("browser") is not None)
+
+
 @pytest.fixture(autouse=True)
 def _test_settings(settings):
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]

@@ -60,8 +60,10 @@ async def test_local_model_keeps_event_loop_responsive(provider):
         pass
     done.set()
     await tick
+    # Generation runs in a worker thread: the loop kept ticking all along. (On
+    # the loop itself it would have ticked once or twice, after the reply.)
     assert len(gaps) > 10
-    assert max(gaps) < 0.25  # generation runs in a worker thread, not on the loop
+    assert sorted(gaps)[len(gaps) // 2] < 0.05
 
 
 async def test_local_model_stop_ends_generation_early(provider):

@@ -113,7 +113,9 @@ def _dumps(obj) -> str:
 
 
 def _error_body(message: str, type_: str, code: str | None = None, param=None) -> bytes:
-    return _dumps({"error": {"message": message, "type": type_, "param": param, "code": code}}).encode()
+    return _dumps(
+        {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    ).encode()
 
 
 def _text_of(content) -> str:
@@ -197,10 +199,10 @@ class _Conn:
 
     async def pause(self, seconds: float) -> None:
         """Sleep, but return early (raising _Disconnected) if the client goes away."""
-        if self.watch is not None and seconds > 0:
+        if self.watch is not None and seconds > 0.25:
             await asyncio.wait((self.watch,), timeout=seconds)
         elif seconds > 0:
-            await asyncio.sleep(seconds)
+            await asyncio.sleep(seconds)  # cheaper; a disconnect is seen on the next token
         if self.gone:
             raise _Disconnected
 
@@ -457,7 +459,9 @@ class FakeUpstream:
                 status, type_, code = _ERRORS[model]
                 msg = f"{SECRET_DETAIL}: simulated {status} from the fake upstream"
                 extra = "Retry-After: 1\r\n" if status == 429 else ""
-                await self._send(conn, status, _error_body(msg, type_, code), keep_alive, extra=extra)
+                await self._send(
+                    conn, status, _error_body(msg, type_, code), keep_alive, extra=extra
+                )
                 outcome = "completed"
                 return keep_alive
             script = _Script(self, model, messages, max_tokens)

@@ -97,16 +97,6 @@
     return span;
   }
 
-  purifier.addHook("beforeSanitizeAttributes", (node) => {
-    // markdown-it aligns table columns with style="text-align:…"; style
-    // attributes are forbidden (and blocked by the CSP anyway), so carry the
-    // alignment over as the legacy align attribute.
-    if ((node.nodeName === "TH" || node.nodeName === "TD") && node.hasAttribute("style")) {
-      const match = /^text-align:\s*(left|right|center)$/.exec(node.getAttribute("style"));
-      if (match) node.setAttribute("align", match[1]);
-    }
-  });
-
   purifier.addHook("afterSanitizeAttributes", (node) => {
     if (node.hasAttribute && node.hasAttribute("class")) {
       const kept = node.getAttribute("class").split(/\s+/).filter((c) => ALLOWED_CLASS.test(c));
@@ -145,7 +135,9 @@
     try {
       if (lang && window.hljs.getLanguage(lang)) {
         body = window.hljs.highlight(code, { language: lang, ignoreIllegals: true }).value;
-      } else if (autoDetectLanguage && code.length <= AUTO_DETECT_MAX_CHARS) {
+      } else if (!lang && autoDetectLanguage && code.length <= AUTO_DETECT_MAX_CHARS) {
+        // Only when no language was named: a named one we lack is better plain
+        // than guessed wrong.
         const result = window.hljs.highlightAuto(code);
         body = result.value;
         detected = lang || result.language || "";
@@ -166,6 +158,19 @@
     breaks: false,
     typographer: false,
     highlight: highlightCode,
+  });
+
+  // markdown-it aligns table columns with style="text-align:…". Style
+  // attributes are forbidden (and refused by the CSP, which would log a
+  // violation for every aligned table), so use the legacy align attribute.
+  md.core.ruler.push("table_align_attribute", (state) => {
+    for (const token of state.tokens) {
+      if (token.type !== "th_open" && token.type !== "td_open") continue;
+      const match = /^text-align:(left|right|center)$/.exec(token.attrGet("style") || "");
+      if (!match) continue;
+      token.attrs = token.attrs.filter(([name]) => name !== "style");
+      token.attrSet("align", match[1]);
+    }
   });
 
   /**

@@ -12,10 +12,6 @@ from django.test import Client
 from chat.llm.fake_upstream import FakeUpstream
 from tests.live import LiveServer
 
-# Playwright's sync API keeps an event loop in this thread; Django's ORM, used
-# here only synchronously between browser steps, would otherwise refuse to run.
-os.environ.setdefault("DJANGO_ALLOW_ASYNC_UNSAFE", "1")
-
 CHROMIUM = os.environ.get("CHROMIUM_PATH") or shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = [
     "--no-sandbox",
@@ -46,6 +42,10 @@ def daphne_server(django_db_setup, django_db_blocker, upstream):
 def browser():
     from playwright.sync_api import sync_playwright
 
+    # Playwright's sync API keeps an event loop running in this thread; Django's
+    # ORM, used here only synchronously between browser steps, would refuse to
+    # run. Browser tests run last (tests/conftest.py), so no async test sees this.
+    os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "1"
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield browser

@@ -1,0 +1,352 @@
+"""The OpenAI-compatible provider against a real local fake upstream (no mocks)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from chat.llm.base import ChatMessage, Delta, GenerationParams, ProviderError
+from chat.llm.fake_upstream import MODELS, SECRET_DETAIL, XSS_TEXT, FakeUpstream
+from chat.llm.openai_compat import OpenAICompatProvider, validate_base_url
+
+API_KEY = "sk-test-KEY-must-never-leak-1234"
+TOKENS = 20
+
+
+@pytest.fixture(scope="module")
+def upstream():
+    up = FakeUpstream(tokens=TOKENS, stall_seconds=30).start()
+    yield up
+    up.stop()
+
+
+@pytest.fixture
+async def provider(upstream):
+    p = OpenAICompatProvider(name="fake", base_url=upstream.base_url, api_key=API_KEY)
+    yield p
+    await p.aclose()
+
+
+async def collect(
+    provider, model: str, text: str = "hello big world", max_tokens: int = 100, system=None
+) -> tuple[list[Delta], Delta | None]:
+    """All deltas with text, and the final delta (the one with a finish reason or usage)."""
+    messages = [ChatMessage("system", system)] if system else []
+    messages.append(ChatMessage("user", text))
+    texts: list[Delta] = []
+    final = None
+    async for delta in provider.stream(messages, GenerationParams(model, max_tokens)):
+        if delta.text:
+            assert final is None, "text after the final delta"
+            texts.append(delta)
+        else:
+            final = delta
+    return texts, final
+
+
+async def wait_for(predicate, timeout: float = 2.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        await asyncio.sleep(0.01)
+    return predicate()
+
+
+def assert_safe(message: str, upstream: FakeUpstream) -> None:
+    assert SECRET_DETAIL not in message
+    assert API_KEY not in message
+    assert str(upstream.port) not in message
+    assert "127.0.0.1" not in message
+
+
+# -- streaming ----------------------------------------------------------------------------------
+async def test_stream_echo_words_in_order(provider):
+    texts, final = await collect(provider, "fake-echo", "hello  big\nworld")
+    assert [d.text for d in texts] == ["Echo: ", "hello  ", "big\n", "world"]
+    assert final.finish_reason == "stop"
+
+
+async def test_stream_count_every_token_in_order(provider):
+    texts, final = await collect(provider, "fake-count", max_tokens=1000)
+    assert [d.text for d in texts] == [f"tok{i} " for i in range(TOKENS)]
+    assert final.finish_reason == "stop"
+    assert final.completion_tokens == TOKENS
+
+
+async def test_stream_count_max_tokens_finish_length(provider):
+    texts, final = await collect(provider, "fake-count", max_tokens=7)
+    assert "".join(d.text for d in texts) == "".join(f"tok{i} " for i in range(7))
+    assert final.finish_reason == "length"
+    assert final.completion_tokens == 7
+
+
+async def test_stream_usage_and_finish_reason_captured(provider):
+    texts, final = await collect(provider, "fake-echo", "one two three", system="be brief")
+    assert final.finish_reason == "stop"
+    assert final.prompt_tokens == 5  # all words of all messages
+    assert final.completion_tokens == len(texts) == 4
+
+
+async def test_stream_length_model_finish_length(provider):
+    texts, final = await collect(provider, "fake-length")
+    assert len(texts) == 5
+    assert final.finish_reason == "length"
+
+
+async def test_stream_odd_chunks_handled(provider):
+    texts, final = await collect(provider, "fake-odd")
+    assert "".join(d.text for d in texts) == "odd a\x00b end"
+    assert final.finish_reason == "stop"
+
+
+async def test_stream_xss_passes_through_verbatim(provider):
+    texts, final = await collect(provider, "fake-xss")
+    assert "".join(d.text for d in texts) == XSS_TEXT
+    assert all(len(d.text) <= 3 for d in texts)
+    assert final.finish_reason == "stop"
+
+
+async def test_stream_many_concurrent_streams_complete(provider):
+    results = await asyncio.gather(*(collect(provider, "fake-count") for _ in range(50)))
+    expected = "".join(f"tok{i} " for i in range(TOKENS))
+    for texts, final in results:
+        assert "".join(d.text for d in texts) == expected
+        assert final.finish_reason == "stop"
+
+
+# -- failures -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("status", [500, 401, 429])
+async def test_stream_upstream_error_is_safe_provider_error(provider, upstream, status):
+    with pytest.raises(ProviderError) as info:
+        await collect(provider, f"fake-error-{status}")
+    message = str(info.value)
+    assert f"HTTP {status}" in message
+    assert_safe(message, upstream)
+    assert info.value.__cause__ is None
+
+
+async def test_stream_unknown_model_is_provider_error(provider, upstream):
+    with pytest.raises(ProviderError, match="HTTP 404") as info:
+        await collect(provider, "no-such-model")
+    assert_safe(str(info.value), upstream)
+
+
+async def test_stream_cut_raises_after_first_tokens(provider, upstream):
+    seen = []
+    with pytest.raises(ProviderError, match="connection to the model server was lost") as info:
+        async for delta in provider.stream(
+            [ChatMessage("user", "x")], GenerationParams("fake-cut", 100)
+        ):
+            seen.append(delta.text)
+    assert seen == ["tok0 ", "tok1 ", "tok2 "]
+    assert_safe(str(info.value), upstream)
+
+
+async def test_stream_stall_times_out_after_two_tokens(upstream):
+    p = OpenAICompatProvider(
+        name="fake", base_url=upstream.base_url, api_key=API_KEY, read_timeout=1
+    )
+    seen = []
+    started = time.monotonic()
+    try:
+        with pytest.raises(ProviderError, match=r"stopped responding \(timed out after 1 s\)"):
+            async for delta in p.stream(
+                [ChatMessage("user", "x")], GenerationParams("fake-stall", 100)
+            ):
+                seen.append(delta.text)
+    finally:
+        await p.aclose()
+    assert seen == ["tok0 ", "tok1 "]
+    assert time.monotonic() - started < 5
+
+
+async def test_stream_aclose_mid_stream_abandons_upstream(provider, upstream):
+    assert await wait_for(lambda: upstream.stats["active"] == 0)
+    before = upstream.stats["abandoned"]
+    gen = provider.stream([ChatMessage("user", "x")], GenerationParams("fake-stall", 100))
+    assert (await gen.__anext__()).text == "tok0 "
+    assert (await gen.__anext__()).text == "tok1 "
+    assert upstream.stats["active"] == 1
+    await gen.aclose()
+    assert await wait_for(lambda: upstream.stats["abandoned"] == before + 1, timeout=1.0)
+    assert upstream.stats["active"] == 0
+
+
+async def test_stream_cancel_mid_stream_abandons_upstream(provider, upstream):
+    assert await wait_for(lambda: upstream.stats["active"] == 0)
+    before = upstream.stats["abandoned"]
+    seen = []
+
+    async def consume():
+        async for delta in provider.stream(
+            [ChatMessage("user", "x")], GenerationParams("fake-stall", 100)
+        ):
+            seen.append(delta.text)
+
+    task = asyncio.create_task(consume())
+    assert await wait_for(lambda: len(seen) == 2)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await wait_for(lambda: upstream.stats["abandoned"] == before + 1, timeout=1.0)
+    assert upstream.stats["active"] == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def test_stream_connection_refused_is_provider_error():
+    port = _free_port()
+    p = OpenAICompatProvider(name="down", base_url=f"http://127.0.0.1:{port}/v1", api_key=API_KEY)
+    try:
+        with pytest.raises(ProviderError, match="Could not connect to the model server") as info:
+            await collect(p, "fake-echo")
+    finally:
+        await p.aclose()
+    assert str(port) not in str(info.value)
+    assert API_KEY not in str(info.value)
+
+
+# -- models and clients -------------------------------------------------------------------------
+async def test_list_models_returns_endpoint_ids(provider):
+    assert sorted(await provider.list_models()) == sorted(MODELS)
+
+
+async def test_list_models_configured_list(upstream):
+    p = OpenAICompatProvider(
+        name="fake", base_url=upstream.base_url, api_key=API_KEY, models=["a-model", "b-model"]
+    )
+    assert await p.list_models() == ["a-model", "b-model"]
+
+
+async def test_list_models_unreachable_returns_empty():
+    p = OpenAICompatProvider(
+        name="down", base_url=f"http://127.0.0.1:{_free_port()}/v1", api_key=API_KEY
+    )
+    try:
+        assert await p.list_models() == []
+    finally:
+        await p.aclose()
+
+
+def test_provider_client_per_event_loop(upstream):
+    p = OpenAICompatProvider(name="fake", base_url=upstream.base_url, api_key=API_KEY)
+
+    async def run() -> str:
+        try:
+            texts, _ = await collect(p, "fake-echo", "again")
+            return "".join(d.text for d in texts)
+        finally:
+            await p.aclose()
+
+    assert asyncio.run(run()) == "Echo: again"
+    assert asyncio.run(run()) == "Echo: again"
+
+
+# -- base URL validation ------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:11434/v1",
+        "https://api.openai.com/v1",
+        "http://localhost:8000/v1",
+        "http://192.168.1.20:8080/v1",
+        "http://[::1]:11434/v1",
+        "http://ollama.internal:11434",
+    ],
+)
+def test_validate_base_url_accepts(url):
+    assert validate_base_url(url) == url.rstrip("/")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "ftp://example.com/v1",
+        "file:///etc/passwd",
+        "javascript:alert(1)",
+        "",
+        "http://169.254.169.254/latest/meta-data",
+        "http://169.254.169.254./v1",
+        "http://2852039166/",
+        "http://0xa9fea9fe/",
+        "http://0xA9.0xFE.0xA9.0xFE/",
+        "http://0251.0376.0251.0376/",
+        "http://169.254.43518/",
+        "http://[fe80::1]/v1",
+        "http://[FE80::1%25eth0]/v1",
+        "http://[::ffff:169.254.169.254]/v1",
+        "http://[::ffff:a9fe:a9fe]/v1",
+        "http://metadata.google.internal/computeMetadata/v1",
+        "http://METADATA.google.internal./",
+        "http://metadata/",
+        "http://localhost:notaport/",
+    ],
+)
+def test_validate_base_url_rejects(url):
+    with pytest.raises(ValueError):
+        validate_base_url(url)
+
+
+def test_provider_constructor_validates_base_url():
+    with pytest.raises(ValueError, match="metadata"):
+        OpenAICompatProvider(name="x", base_url="http://169.254.169.254/v1", api_key=None)
+
+
+# -- the fake upstream itself -------------------------------------------------------------------
+def _post(upstream, body: bytes):
+    req = urllib.request.Request(
+        upstream.base_url + "/chat/completions",
+        data=body,
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    return urllib.request.urlopen(req, timeout=5)
+
+
+def test_fake_upstream_non_streaming_completion(upstream):
+    body = {"model": "fake-echo", "messages": [{"role": "user", "content": "hi there"}]}
+    with _post(upstream, json.dumps(body).encode()) as resp:
+        assert resp.status == 200
+        data = json.load(resp)
+    assert data["object"] == "chat.completion"
+    assert data["model"] == "fake-echo"
+    choice = data["choices"][0]
+    assert choice["message"] == {"role": "assistant", "content": "Echo: hi there", "refusal": None}
+    assert choice["finish_reason"] == "stop"
+    assert data["usage"] == {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5}
+
+
+def test_fake_upstream_bad_json_is_400(upstream):
+    with pytest.raises(urllib.error.HTTPError) as info:
+        _post(upstream, b"{not json")
+    assert info.value.code == 400
+    assert set(json.load(info.value)["error"]) == {"message", "type", "param", "code"}
+
+
+def test_fake_upstream_unknown_model_is_404(upstream):
+    with pytest.raises(urllib.error.HTTPError) as info:
+        _post(upstream, json.dumps({"model": "nope", "messages": []}).encode())
+    assert info.value.code == 404
+    assert json.load(info.value)["error"]["code"] == "model_not_found"
+
+
+def test_fake_upstream_models_and_stats(upstream):
+    with urllib.request.urlopen(upstream.base_url + "/models", timeout=5) as resp:
+        data = json.load(resp)
+    assert data["object"] == "list"
+    assert [m["id"] for m in data["data"]] == list(MODELS)
+    with urllib.request.urlopen(f"http://127.0.0.1:{upstream.port}/stats", timeout=5) as resp:
+        stats = json.load(resp)
+    assert set(stats) == {"started", "completed", "abandoned", "active"}
+    assert all(isinstance(v, int) for v in stats.values())
