@@ -279,7 +279,13 @@ async def _follow_row(message_id: int) -> AsyncIterator[str | ReplyEnd | object]
             yield HEARTBEAT
             idle = 0.0
         if row.is_finished:
-            yield ReplyEnd(status=row.status, error=row.error, finish_reason=row.finish_reason)
+            yield ReplyEnd(
+                status=row.status,
+                error=row.error,
+                finish_reason=row.finish_reason,
+                prompt_tokens=row.prompt_tokens,
+                completion_tokens=row.completion_tokens,
+            )
             return
         await asyncio.sleep(settings.CHAT_CHECKPOINT_SECONDS)
         idle += settings.CHAT_CHECKPOINT_SECONDS

@@ -12,6 +12,8 @@ from django.core.cache import cache
 from django.test import Client
 
 import chat.llm
+from chat.llm.fake_upstream import FakeUpstream
+from tests.live import LiveServer
 from chat.llm import ChatMessage, Delta, GenerationParams
 
 CSRF_SECRET = "a" * 32
@@ -184,3 +186,20 @@ def asgi_login():
         return await sync_to_async(session_cookies)(user)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def upstream():
+    """The fake OpenAI-compatible server (a real HTTP server on 127.0.0.1)."""
+    server = FakeUpstream(gap_ms=0).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def daphne_server(django_db_setup, django_db_blocker, upstream):
+    """The project under a real daphne, on the test database, with `upstream` as its OpenAI."""
+    with django_db_blocker.unblock():
+        server = LiveServer(upstream_url=upstream.base_url)
+    yield server
+    server.stop()

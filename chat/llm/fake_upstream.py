@@ -308,6 +308,7 @@ class FakeUpstream:
         return self
 
     def stop(self) -> None:
+        """Stop a server started with start() (use stop_async() after start_async())."""
         if self._thread is not None and self._loop is not None:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=10)

@@ -1,5 +1,5 @@
 """Browser tests: Playwright driving Debian's chromium against a live daphne server
-of the project, with the local OpenAI-compatible fake upstream behind it."""
+of the project (tests/conftest.py), with the fake OpenAI-compatible upstream behind it."""
 
 from __future__ import annotations
 
@@ -9,8 +9,6 @@ import shutil
 import pytest
 from django.test import Client
 
-from chat.llm.fake_upstream import FakeUpstream
-from tests.live import LiveServer
 
 CHROMIUM = os.environ.get("CHROMIUM_PATH") or shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -21,21 +19,6 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
-
-
-@pytest.fixture(scope="session")
-def upstream():
-    server = FakeUpstream(gap_ms=0).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="session")
-def daphne_server(django_db_setup, django_db_blocker, upstream):
-    with django_db_blocker.unblock():
-        server = LiveServer(upstream_url=upstream.base_url)
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="session")

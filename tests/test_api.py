@@ -1,0 +1,284 @@
+"""The OpenAI-compatible API, driven by the official `openai` client against live daphne."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import time
+
+import openai
+import pytest
+from django.core.management import call_command
+from django.test import Client
+
+from chat import services
+from chat.models import ApiKey, Conversation, Message
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def api_key(user):
+    _, raw_key = services.api_key_create(owner=user, name="laptop")
+    return raw_key
+
+
+@pytest.fixture
+def client(daphne_server, api_key):
+    return openai.OpenAI(base_url=f"{daphne_server.url}/v1", api_key=api_key, max_retries=0)
+
+
+@pytest.fixture
+def async_client(daphne_server, api_key):
+    return openai.AsyncOpenAI(base_url=f"{daphne_server.url}/v1", api_key=api_key, max_retries=0)
+
+
+def _wait_reply(status_values, timeout=10) -> Message:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        row = Message.objects.filter(role="assistant").order_by("-id").first()
+        if row and row.status in status_values:
+            return row
+        time.sleep(0.05)
+    raise AssertionError(f"no reply reached {status_values}")
+
+
+def _raw(daphne_server, method, path, body=None, headers=None):
+    conn = http.client.HTTPConnection("127.0.0.1", daphne_server.port, timeout=10)
+    conn.request(method, path, body=body, headers=headers or {})
+    response = conn.getresponse()
+    data = response.read()
+    conn.close()
+    return response.status, data
+
+
+def test_models_list(client):
+    ids = [m.id for m in client.models.list()]
+    assert "fake-echo" in ids and "fake-slow" in ids
+
+
+def test_completion_not_streaming_is_stored(client, user):
+    completion = client.chat.completions.create(
+        model="fake-echo",
+        messages=[
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "hi there"},
+        ],
+    )
+    assert completion.object == "chat.completion"
+    assert completion.choices[0].message.content == "Echo: hi there"
+    assert completion.choices[0].finish_reason == "stop"
+    assert completion.usage.completion_tokens == 3
+    conversation = Conversation.objects.get()
+    assert conversation.owner == user
+    assert (conversation.source, conversation.api_key_name) == ("api", "laptop")
+    assert conversation.system_prompt == "Be brief."
+    reply = conversation.messages.get(role="assistant")
+    assert (reply.status, reply.content, reply.completion_tokens) == ("complete", "Echo: hi there", 3)
+    assert completion.id == f"chatcmpl-{reply.pk}"
+
+
+def test_completion_streaming_with_usage(client):
+    stream = client.chat.completions.create(
+        model="fake-echo",
+        messages=[{"role": "user", "content": "one two three"}],
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "Echo: one two three"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 4
+    assert _wait_reply({"complete"}).content == "Echo: one two three"
+
+
+async def test_async_client_streaming_and_not(async_client):
+    stream = await async_client.chat.completions.create(
+        model="fake-echo", messages=[{"role": "user", "content": "async hello"}], stream=True
+    )
+    text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+    assert text == "Echo: async hello"
+    completion = await async_client.chat.completions.create(
+        model="fake-echo", messages=[{"role": "user", "content": "again"}]
+    )
+    assert completion.choices[0].message.content == "Echo: again"
+
+
+def test_curl_style_raw_stream(daphne_server, api_key):
+    status, body = _raw(
+        daphne_server,
+        "POST",
+        "/v1/chat/completions",
+        json.dumps({"model": "fake-echo", "stream": True, "messages": [{"role": "user", "content": "raw"}]}),
+        {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"},
+    )
+    assert status == 200
+    frames = [f for f in body.decode().split("\n\n") if f.startswith("data: ")]
+    assert frames[-1] == "data: [DONE]"
+    chunks = [json.loads(f[6:]) for f in frames[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == "Echo: raw"
+
+
+def test_missing_and_wrong_key_get_401(daphne_server):
+    for key in ["", "cs-not-a-real-key"]:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        status, body = _raw(daphne_server, "GET", "/v1/models", headers=headers)
+        assert status == 401
+        assert json.loads(body)["error"]["code"] == "invalid_api_key"
+
+
+def test_key_is_stored_only_as_hash_and_revocation_is_immediate(client, api_key, user):
+    key = ApiKey.objects.get(owner=user)
+    assert api_key not in (key.hashed, key.hint)
+    assert key.hashed == services.api_key_hash(api_key)
+    client.models.list()
+    services.api_key_revoke(key=key)
+    with pytest.raises(openai.AuthenticationError):
+        client.models.list()
+
+
+def test_key_page_create_list_revoke(user, daphne_server):
+    browser = Client()
+    browser.force_login(user)
+    created = browser.post("/keys/", {"name": "my script"})
+    raw_key = created.context["new_key"]
+    assert raw_key.startswith("cs-") and raw_key in created.content.decode()
+    listing = browser.get("/keys/").content.decode()
+    assert "my script" in listing and raw_key not in listing  # shown once
+    api = openai.OpenAI(base_url=f"{daphne_server.url}/v1", api_key=raw_key, max_retries=0)
+    assert api.models.list().data
+    key = ApiKey.objects.get(name="my script")
+    assert browser.post(f"/keys/{key.pk}/revoke/").status_code == 302
+    with pytest.raises(openai.AuthenticationError):
+        api.models.list()
+
+
+def test_key_page_cannot_revoke_another_users_key(user, other_user):
+    key, _ = services.api_key_create(owner=other_user, name="theirs")
+    browser = Client()
+    browser.force_login(user)
+    assert browser.post(f"/keys/{key.pk}/revoke/").status_code == 404
+    assert ApiKey.objects.get(pk=key.pk).revoked is None
+
+
+def test_create_api_key_command(user, daphne_server, capsys):
+    call_command("create_api_key", "alice", "--name", "ci")
+    raw_key = capsys.readouterr().out.strip()
+    api = openai.OpenAI(base_url=f"{daphne_server.url}/v1", api_key=raw_key, max_retries=0)
+    assert api.chat.completions.create(
+        model="fake-echo", messages=[{"role": "user", "content": "x"}]
+    ).choices[0].message.content == "Echo: x"
+    assert Conversation.objects.get().api_key_name == "ci"
+
+
+def test_unknown_model_is_404_in_openai_shape(client, upstream):
+    before = upstream.stats["started"]
+    with pytest.raises(openai.NotFoundError) as info:
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+    assert info.value.body["code"] == "model_not_found"
+    assert upstream.stats["started"] == before
+    assert not Conversation.objects.exists()
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        (b"{not json", None),
+        (b"[1, 2]", None),
+        (json.dumps({"model": "fake-echo"}), "messages"),
+        (json.dumps({"model": "fake-echo", "messages": []}), "messages"),
+        (json.dumps({"model": "fake-echo", "messages": "hi"}), "messages"),
+        (json.dumps({"model": 3, "messages": [{"role": "user", "content": "x"}]}), "model"),
+        (json.dumps({"model": "fake-echo", "messages": [{"role": "wizard", "content": "x"}]}), "messages[0].role"),
+        (json.dumps({"model": "fake-echo", "messages": [{"role": "user", "content": 5}]}), "messages[0].content"),
+        (json.dumps({"model": "fake-echo", "stream": "yes", "messages": [{"role": "user", "content": "x"}]}), "stream"),
+        (json.dumps({"model": "fake-echo", "max_tokens": -1, "messages": [{"role": "user", "content": "x"}]}), "max_tokens"),
+        (json.dumps({"model": "fake-echo", "temperature": "hot", "messages": [{"role": "user", "content": "x"}]}), "temperature"),
+    ],
+)
+def test_bad_requests_get_400_and_no_upstream_call(daphne_server, api_key, upstream, body, param):
+    before = upstream.stats["started"]
+    status, data = _raw(
+        daphne_server,
+        "POST",
+        "/v1/chat/completions",
+        body,
+        {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"},
+    )
+    assert status == 400
+    error = json.loads(data)["error"]
+    assert error["type"] == "invalid_request_error" and error["message"]
+    assert error["param"] == param
+    assert upstream.stats["started"] == before
+    assert not Conversation.objects.exists()
+
+
+def test_oversized_body_and_message_get_413(daphne_server, api_key, upstream):
+    headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
+    huge = json.dumps({"model": "fake-echo", "messages": [{"role": "user", "content": "x" * 10_000_000}]})
+    status, _ = _raw(daphne_server, "POST", "/v1/chat/completions", huge, headers)
+    assert status == 413
+    long_message = json.dumps({"model": "fake-echo", "messages": [{"role": "user", "content": "x" * 200_000}]})
+    status, data = _raw(daphne_server, "POST", "/v1/chat/completions", long_message, headers)
+    assert status in {413, 400}
+    assert "too" in json.loads(data)["error"]["message"]
+    assert not Conversation.objects.exists()
+
+
+def test_api_conversations_belong_to_the_keys_owner_only(client, user, other_user):
+    client.chat.completions.create(model="fake-echo", messages=[{"role": "user", "content": "secret plan"}])
+    owner_page, other_page = Client(), Client()
+    owner_page.force_login(user)
+    other_page.force_login(other_user)
+    assert "secret plan" in owner_page.get("/").content.decode()
+    assert "secret plan" not in other_page.get("/").content.decode()
+    conversation = Conversation.objects.get()
+    assert other_page.get(f"/c/{conversation.pk}/").status_code == 404
+
+
+def test_upstream_error_is_502_and_stored(client):
+    with pytest.raises(openai.APIStatusError) as info:
+        client.chat.completions.create(
+            model="fake-error-500", messages=[{"role": "user", "content": "x"}]
+        )
+    assert info.value.status_code == 502
+    assert "UPSTREAM-SECRET-DETAIL" not in str(info.value.body)
+    reply = _wait_reply({"error"})
+    assert "HTTP 500" in reply.error
+
+
+def test_upstream_error_mid_stream_raises_in_client(client):
+    stream = client.chat.completions.create(
+        model="fake-cut", messages=[{"role": "user", "content": "x"}], stream=True
+    )
+    with pytest.raises(openai.APIError):
+        for _ in stream:
+            pass
+    assert _wait_reply({"error"}).content  # partial text kept
+
+
+def test_client_disconnect_abandons_reply_and_closes_upstream(daphne_server, api_key, upstream):
+    before = upstream.stats["abandoned"]
+    body = json.dumps(
+        {"model": "fake-stall", "stream": True, "messages": [{"role": "user", "content": "x"}]}
+    ).encode()
+    sock = socket.create_connection(("127.0.0.1", daphne_server.port))
+    sock.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        + f"Authorization: Bearer {api_key}\r\nContent-Type: application/json\r\n".encode()
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    received = b""
+    while received.count(b'"content":"') < 2:  # the two tokens before the stall
+        received += sock.recv(65536)
+    sock.close()
+    reply = _wait_reply({"interrupted"}, timeout=5)
+    assert reply.content  # the tokens it had are kept
+    deadline = time.monotonic() + 3
+    while upstream.stats["abandoned"] == before and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert upstream.stats["abandoned"] == before + 1  # upstream closed although silent
