@@ -127,7 +127,13 @@ class ConversationAdmin(ReadOnlyAdmin):
         "created",
         "updated",
     ]
-    list_filter = ["model", "source", "archived", "created", ("owner", admin.RelatedOnlyFieldListFilter)]
+    list_filter = [
+        "model",
+        "source",
+        "archived",
+        "created",
+        ("owner", admin.RelatedOnlyFieldListFilter),
+    ]
     search_fields = ["title", "owner__username", "messages__content"]
     date_hierarchy = "created"
     list_select_related = ["owner"]

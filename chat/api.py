@@ -24,7 +24,7 @@ from django.views.decorators.http import require_GET, require_POST
 from . import llm, replies, services
 from .models import ApiKey, Message
 from .replies import HEARTBEAT, ReplyEnd
-from .streaming import STREAM_OPEN, PING, sse_response
+from .streaming import PING, STREAM_OPEN, sse_response
 
 ROLES = {"system", "developer", "user", "assistant"}
 
@@ -46,7 +46,12 @@ class ApiError(Exception):
 
     def body(self) -> dict:
         return {
-            "error": {"message": str(self), "type": self.type, "param": self.param, "code": self.code}
+            "error": {
+                "message": str(self),
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
         }
 
     def response(self) -> JsonResponse:
@@ -203,7 +208,10 @@ async def chat_completions(request: HttpRequest, key: ApiKey) -> HttpResponse:
     model = await llm.resolve(req["model"])
     if model is None:
         raise ApiError(
-            f"The model '{req['model']}' does not exist.", 404, param="model", code="model_not_found"
+            f"The model '{req['model']}' does not exist.",
+            404,
+            param="model",
+            code="model_not_found",
         )
     try:
         conversation, assistant = await sync_to_async(services.api_conversation_create)(
@@ -263,7 +271,11 @@ async def chat_completions(request: HttpRequest, key: ApiKey) -> HttpResponse:
 
 def _usage(row: Message) -> dict:
     prompt, completion = row.prompt_tokens or 0, row.completion_tokens or 0
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
 
 
 async def _completion_chunks(
@@ -314,5 +326,7 @@ def _final_chunks(head: str, end: ReplyEnd, include_usage: bool) -> bytes:
             "completion_tokens": end.completion_tokens or 0,
             "total_tokens": (end.prompt_tokens or 0) + (end.completion_tokens or 0),
         }
-        out += f'data: {head},"system_fingerprint":null,"choices":[],"usage":{json.dumps(usage)}}}\n\n'
+        out += (
+            f'data: {head},"system_fingerprint":null,"choices":[],"usage":{json.dumps(usage)}}}\n\n'
+        )
     return out.encode()

@@ -277,17 +277,17 @@ def reply_finish(
     attempts: int = 5,
 ) -> None:
     """The final save of a reply. Retried when the database is busy: never lose a reply."""
-    fields = dict(
-        content=clean_text(content),
-        status=status,
-        finish_reason=finish_reason or "",
-        prompt_tokens=prompt_tokens,
-        completion_tokens=completion_tokens,
-        ttft_ms=ttft_ms,
-        duration_ms=duration_ms,
-        error=error,
-        updated=timezone.now(),
-    )
+    fields = {
+        "content": clean_text(content),
+        "status": status,
+        "finish_reason": finish_reason or "",
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "ttft_ms": ttft_ms,
+        "duration_ms": duration_ms,
+        "error": error,
+        "updated": timezone.now(),
+    }
     for attempt in range(attempts):
         try:
             Message.objects.filter(pk=message_id).update(**fields)

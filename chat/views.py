@@ -19,7 +19,10 @@ async def _owned_conversation(request: HttpRequest, pk: int) -> Conversation:
     """The user's conversation or 404: another user's id looks like a missing one."""
     user = await request.auser()
     conversation = (
-        await Conversation.objects.owned_by(user).select_related("current_leaf").filter(pk=pk).afirst()
+        await Conversation.objects.owned_by(user)
+        .select_related("current_leaf")
+        .filter(pk=pk)
+        .afirst()
     )
     if conversation is None:
         raise Http404("No such conversation.")
@@ -180,9 +183,7 @@ def api_keys(request: HttpRequest) -> HttpResponse:
     """List, create (shown once) and revoke the user's API keys."""
     new_key = None
     if request.method == "POST":
-        _, new_key = services.api_key_create(
-            owner=request.user, name=request.POST.get("name", "")
-        )
+        _, new_key = services.api_key_create(owner=request.user, name=request.POST.get("name", ""))
     keys = ApiKey.objects.filter(owner=request.user)
     return TemplateResponse(
         request,

@@ -12,9 +12,9 @@ from django.core.cache import cache
 from django.test import Client
 
 import chat.llm
+from chat.llm import ChatMessage, Delta, GenerationParams
 from chat.llm.fake_upstream import FakeUpstream
 from tests.live import LiveServer
-from chat.llm import ChatMessage, Delta, GenerationParams
 
 CSRF_SECRET = "a" * 32
 

@@ -27,7 +27,9 @@ def reply(user):
     conversation = services.conversation_create(
         owner=user, model="fake", title="<b>Quarterly</b> numbers"
     )
-    _, reply = services.message_send(conversation=conversation, content="=HYPERLINK(1)", model="fake")
+    _, reply = services.message_send(
+        conversation=conversation, content="=HYPERLINK(1)", model="fake"
+    )
     services.reply_finish(
         message_id=reply.pk,
         content="The answer is 42",

@@ -75,7 +75,11 @@ def test_completion_not_streaming_is_stored(client, user):
     assert (conversation.source, conversation.api_key_name) == ("api", "laptop")
     assert conversation.system_prompt == "Be brief."
     reply = conversation.messages.get(role="assistant")
-    assert (reply.status, reply.content, reply.completion_tokens) == ("complete", "Echo: hi there", 3)
+    assert (reply.status, reply.content, reply.completion_tokens) == (
+        "complete",
+        "Echo: hi there",
+        3,
+    )
     assert completion.id == f"chatcmpl-{reply.pk}"
 
 
@@ -111,7 +115,9 @@ def test_curl_style_raw_stream(daphne_server, api_key):
         daphne_server,
         "POST",
         "/v1/chat/completions",
-        json.dumps({"model": "fake-echo", "stream": True, "messages": [{"role": "user", "content": "raw"}]}),
+        json.dumps(
+            {"model": "fake-echo", "stream": True, "messages": [{"role": "user", "content": "raw"}]}
+        ),
         {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"},
     )
     assert status == 200
@@ -168,9 +174,12 @@ def test_create_api_key_command(user, daphne_server, capsys):
     call_command("create_api_key", "alice", "--name", "ci")
     raw_key = capsys.readouterr().out.strip()
     api = openai.OpenAI(base_url=f"{daphne_server.url}/v1", api_key=raw_key, max_retries=0)
-    assert api.chat.completions.create(
-        model="fake-echo", messages=[{"role": "user", "content": "x"}]
-    ).choices[0].message.content == "Echo: x"
+    assert (
+        api.chat.completions.create(model="fake-echo", messages=[{"role": "user", "content": "x"}])
+        .choices[0]
+        .message.content
+        == "Echo: x"
+    )
     assert Conversation.objects.get().api_key_name == "ci"
 
 
@@ -192,11 +201,44 @@ def test_unknown_model_is_404_in_openai_shape(client, upstream):
         (json.dumps({"model": "fake-echo", "messages": []}), "messages"),
         (json.dumps({"model": "fake-echo", "messages": "hi"}), "messages"),
         (json.dumps({"model": 3, "messages": [{"role": "user", "content": "x"}]}), "model"),
-        (json.dumps({"model": "fake-echo", "messages": [{"role": "wizard", "content": "x"}]}), "messages[0].role"),
-        (json.dumps({"model": "fake-echo", "messages": [{"role": "user", "content": 5}]}), "messages[0].content"),
-        (json.dumps({"model": "fake-echo", "stream": "yes", "messages": [{"role": "user", "content": "x"}]}), "stream"),
-        (json.dumps({"model": "fake-echo", "max_tokens": -1, "messages": [{"role": "user", "content": "x"}]}), "max_tokens"),
-        (json.dumps({"model": "fake-echo", "temperature": "hot", "messages": [{"role": "user", "content": "x"}]}), "temperature"),
+        (
+            json.dumps({"model": "fake-echo", "messages": [{"role": "wizard", "content": "x"}]}),
+            "messages[0].role",
+        ),
+        (
+            json.dumps({"model": "fake-echo", "messages": [{"role": "user", "content": 5}]}),
+            "messages[0].content",
+        ),
+        (
+            json.dumps(
+                {
+                    "model": "fake-echo",
+                    "stream": "yes",
+                    "messages": [{"role": "user", "content": "x"}],
+                }
+            ),
+            "stream",
+        ),
+        (
+            json.dumps(
+                {
+                    "model": "fake-echo",
+                    "max_tokens": -1,
+                    "messages": [{"role": "user", "content": "x"}],
+                }
+            ),
+            "max_tokens",
+        ),
+        (
+            json.dumps(
+                {
+                    "model": "fake-echo",
+                    "temperature": "hot",
+                    "messages": [{"role": "user", "content": "x"}],
+                }
+            ),
+            "temperature",
+        ),
     ],
 )
 def test_bad_requests_get_400_and_no_upstream_call(daphne_server, api_key, upstream, body, param):
@@ -218,10 +260,14 @@ def test_bad_requests_get_400_and_no_upstream_call(daphne_server, api_key, upstr
 
 def test_oversized_body_and_message_get_413(daphne_server, api_key, upstream):
     headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
-    huge = json.dumps({"model": "fake-echo", "messages": [{"role": "user", "content": "x" * 10_000_000}]})
+    huge = json.dumps(
+        {"model": "fake-echo", "messages": [{"role": "user", "content": "x" * 10_000_000}]}
+    )
     status, _ = _raw(daphne_server, "POST", "/v1/chat/completions", huge, headers)
     assert status == 413
-    long_message = json.dumps({"model": "fake-echo", "messages": [{"role": "user", "content": "x" * 200_000}]})
+    long_message = json.dumps(
+        {"model": "fake-echo", "messages": [{"role": "user", "content": "x" * 200_000}]}
+    )
     status, data = _raw(daphne_server, "POST", "/v1/chat/completions", long_message, headers)
     assert status in {413, 400}
     assert "too" in json.loads(data)["error"]["message"]
@@ -229,7 +275,9 @@ def test_oversized_body_and_message_get_413(daphne_server, api_key, upstream):
 
 
 def test_api_conversations_belong_to_the_keys_owner_only(client, user, other_user):
-    client.chat.completions.create(model="fake-echo", messages=[{"role": "user", "content": "secret plan"}])
+    client.chat.completions.create(
+        model="fake-echo", messages=[{"role": "user", "content": "secret plan"}]
+    )
     owner_page, other_page = Client(), Client()
     owner_page.force_login(user)
     other_page.force_login(other_user)

@@ -40,7 +40,7 @@ def test_home_shows_controls_with_accessible_names(alice):
     assert ">Send</button>" in html
     assert ">Stop</button>" in html
     assert ">New chat</button>" in html
-    assert "<label class=\"model-picker\">Model" in html
+    assert '<label class="model-picker">Model' in html
     assert '<option value="fake" selected>fake</option>' in html
 
 
@@ -55,7 +55,9 @@ def test_conversation_page_lists_messages(alice, conversation):
 
 def test_sidebar_search_matches_titles_and_message_text(alice, conversation, user):
     services.conversation_create(owner=user, model="fake", title="Unrelated")
-    response = alice.get("/?q=answer", headers={"HX-Request": "true", "HX-Target": "conversation-list"})
+    response = alice.get(
+        "/?q=answer", headers={"HX-Request": "true", "HX-Target": "conversation-list"}
+    )
     html = response.content.decode()
     assert "Alice&#x27;s chat" in html
     assert "Unrelated" not in html
@@ -73,12 +75,22 @@ def test_html_in_titles_is_escaped(alice, user):
 
 @pytest.mark.parametrize(
     "route",
-    ["chat:conversation", "chat:send", "chat:reply_stream", "chat:reply_stop", "chat:reply_regenerate"],
+    [
+        "chat:conversation",
+        "chat:send",
+        "chat:reply_stream",
+        "chat:reply_stop",
+        "chat:reply_regenerate",
+    ],
 )
 def test_other_users_ids_get_404_without_writes(client, other_user, conversation, route):
     client.force_login(other_user)
     reply = conversation.messages.get(role="assistant")
-    args = [conversation.pk] if route in {"chat:conversation", "chat:send"} else [conversation.pk, reply.pk]
+    args = (
+        [conversation.pk]
+        if route in {"chat:conversation", "chat:send"}
+        else [conversation.pk, reply.pk]
+    )
     before = Message.objects.count()
     method = client.get if route in {"chat:conversation", "chat:reply_stream"} else client.post
     response = method(reverse(route, args=args), {"content": "steal", "model": "fake"})
@@ -144,3 +156,33 @@ def test_empty_message_is_refused(alice):
 
 def test_healthz(client):
     assert client.get("/healthz").json() == {"status": "ok"}
+
+
+def test_check_refuses_metadata_upstream_url(settings):
+    from django.core.management import call_command
+    from django.core.management.base import SystemCheckError
+
+    settings.OPENAI_BASE_URL = "http://169.254.169.254/v1"
+    with pytest.raises(SystemCheckError, match="chat.E001"):
+        call_command("check")
+
+
+def test_check_deploy_is_clean_with_production_settings():
+    import os
+    import subprocess
+    import sys
+
+    env = {
+        **os.environ,
+        "DJANGO_DEBUG": "0",
+        "DJANGO_HTTPS": "1",
+        "DJANGO_SECRET_KEY": "x" * 20 + "production-secret-key-for-the-check-9f8e7d6c5b4a",
+        "DJANGO_ALLOWED_HOSTS": "chat.example.com",
+    }
+    result = subprocess.run(
+        [sys.executable, "manage.py", "check", "--deploy", "--fail-level", "WARNING"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -30,7 +30,11 @@ def test_message_send_commits_user_message_and_streaming_reply(conversation):
     )
     assert Message.objects.get(pk=user_message.pk).content == "hello"
     stored = Message.objects.get(pk=reply.pk)
-    assert (stored.role, stored.status, stored.parent_id) == ("assistant", "streaming", user_message.pk)
+    assert (stored.role, stored.status, stored.parent_id) == (
+        "assistant",
+        "streaming",
+        user_message.pk,
+    )
     conversation.refresh_from_db()
     assert conversation.current_leaf_id == reply.pk
 

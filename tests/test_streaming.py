@@ -293,9 +293,7 @@ async def test_unknown_model_is_refused_before_any_write(user, scripted, asgi_lo
     assert scripted.calls == []
 
 
-async def test_oversized_message_is_refused_before_any_write(
-    user, scripted, asgi_login, settings
-):
+async def test_oversized_message_is_refused_before_any_write(user, scripted, asgi_login, settings):
     settings.CHAT_MAX_MESSAGE_CHARS = 1000
     stream = AsgiStream(
         "POST",
@@ -314,7 +312,9 @@ async def test_concurrent_reply_limit(user, scripted, asgi_login, settings):
     cookie = await asgi_login(user)
     first = await _send(cookie)
     _, start = await anext(first.events())
-    refused = AsgiStream("POST", "/c/send/", cookie=cookie, form={"content": "x", "model": "scripted"})
+    refused = AsgiStream(
+        "POST", "/c/send/", cookie=cookie, form={"content": "x", "model": "scripted"}
+    )
     assert await refused.start() == 429
     await scripted.script.put(None)
     await _wait_finished(start["assistant_message"])

@@ -46,7 +46,9 @@ def _build_providers() -> list[Provider]:
 
         from .local import LocalProvider, default_model_path
 
-        path = Path(settings.LOCAL_MODEL_PATH) if settings.LOCAL_MODEL_PATH else default_model_path()
+        path = (
+            Path(settings.LOCAL_MODEL_PATH) if settings.LOCAL_MODEL_PATH else default_model_path()
+        )
         if path and path.is_file():
             providers.append(
                 LocalProvider(
@@ -56,21 +58,25 @@ def _build_providers() -> list[Provider]:
                 )
             )
         else:
-            log.warning("no local model file found (LOCAL_MODEL_PATH=%r)", settings.LOCAL_MODEL_PATH)
+            log.warning(
+                "no local model file found (LOCAL_MODEL_PATH=%r)", settings.LOCAL_MODEL_PATH
+            )
     if settings.OPENAI_API_KEY or settings.OPENAI_BASE_URL:
         from .openai_compat import OpenAICompatProvider
 
-        providers.append(
-            OpenAICompatProvider(
+        try:
+            provider = OpenAICompatProvider(
                 name="openai",
                 base_url=settings.OPENAI_BASE_URL or None,
-                # Local servers (Ollama, vLLM, llama.cpp) accept any key.
-                api_key=settings.OPENAI_API_KEY or "not-needed",
+                api_key=settings.OPENAI_API_KEY or None,
                 models=settings.OPENAI_MODELS or None,
                 connect_timeout=settings.OPENAI_CONNECT_TIMEOUT,
                 read_timeout=settings.OPENAI_READ_TIMEOUT,
             )
-        )
+        except ValueError as exc:  # also reported by the system check chat.E001
+            log.error("OPENAI_BASE_URL refused: %s", exc)
+        else:
+            providers.append(provider)
     return providers
 
 

@@ -56,9 +56,7 @@ class Provider(Protocol):
         """Model ids this provider serves now (may ask the upstream)."""
         ...
 
-    def stream(
-        self, messages: list[ChatMessage], params: GenerationParams
-    ) -> AsyncIterator[Delta]:
+    def stream(self, messages: list[ChatMessage], params: GenerationParams) -> AsyncIterator[Delta]:
         """Stream the reply to `messages`.
 
         An async generator: closing it (aclose, or cancelling the task awaiting

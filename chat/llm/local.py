@@ -33,7 +33,7 @@ def default_model_path() -> Path | None:
 
 
 def model_id_for(path: Path) -> str:
-    """A readable model id from the file name: SmolLM2-135M-Instruct.Q4_1.gguf -> smollm2-135m-instruct."""
+    """A readable id from the file name (SmolLM2-135M-Instruct.Q4_1.gguf: smollm2-135m-instruct)."""
     return path.name.split(".")[0].lower()
 
 

@@ -47,7 +47,7 @@ RAW_HTML_PAYLOADS = [
     "<style>body{background:url(https://elsewhere.example/x)}</style>",
     '<div style="background:url(https://elsewhere.example/x)">x</div>',
     "<details open ontoggle=alert(1)>",
-    "<noscript><p title=\"</noscript><img src=x onerror=alert(1)>\"></noscript>",
+    '<noscript><p title="</noscript><img src=x onerror=alert(1)>"></noscript>',
 ]
 DANGEROUS_LINKS = [
     "[x](javascript:alert(1))",
@@ -397,7 +397,9 @@ def test_images_same_origin_and_data_kept(harness):
 def test_stream_split_payload_inert_and_final_matches(harness, text):
     # Wrap the payload in ordinary prose so settled blocks and the tail both see it.
     text = f"Intro paragraph.\n\n{text}\n\nOutro with `code`."
-    result = harness.page.evaluate(STREAM_JS, {"chunks": chunked(text, seed=len(text)), "checkEvery": 2})
+    result = harness.page.evaluate(
+        STREAM_JS, {"chunks": chunked(text, seed=len(text)), "checkEvery": 2}
+    )
 
     assert result["problems"] == []
     assert result["streamed"] == result["reference"]
@@ -511,8 +513,21 @@ def test_render_all_page_load_and_htmx_swap(harness):
 def long_reply(tokens: int, seed: int) -> list[str]:
     """Token-like pieces: prose paragraphs with an occasional fenced code block."""
     rng = random.Random(seed)
-    words = ["the", "model", "writes", "a", "long", "answer", "about", "**markdown**", "and",
-             "`code`", "with", "[links](https://example.com)", "<b>tags</b>"]
+    words = [
+        "the",
+        "model",
+        "writes",
+        "a",
+        "long",
+        "answer",
+        "about",
+        "**markdown**",
+        "and",
+        "`code`",
+        "with",
+        "[links](https://example.com)",
+        "<b>tags</b>",
+    ]
     pieces: list[str] = []
     while len(pieces) < tokens:
         if rng.random() < 0.1:

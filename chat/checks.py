@@ -1,0 +1,28 @@
+from django.conf import settings
+from django.core.checks import Error, register
+
+
+@register()
+def openai_base_url_check(app_configs, **kwargs):
+    """Refuse a configured upstream URL that could reach metadata or non-http services."""
+    if not settings.OPENAI_BASE_URL:
+        return []
+    from .llm.openai_compat import validate_base_url
+
+    try:
+        validate_base_url(settings.OPENAI_BASE_URL)
+    except ValueError as exc:
+        return [Error(f"OPENAI_BASE_URL is not allowed: {exc}", id="chat.E001")]
+    return []
+
+
+@register()
+def signup_mode_check(app_configs, **kwargs):
+    if settings.SIGNUP_MODE not in {"closed", "open", "approval"}:
+        return [
+            Error(
+                f"CHAT_SIGNUP must be closed, open or approval, not {settings.SIGNUP_MODE!r}.",
+                id="chat.E002",
+            )
+        ]
+    return []
