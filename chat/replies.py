@@ -107,6 +107,16 @@ class Reply:
             queue.put_nowait(item)
 
     async def _run(self) -> None:
+        plane = control_plane()
+        if plane is not None:
+            plane.join(self.message_id)
+        try:
+            await self._generate()
+        finally:
+            if plane is not None:
+                plane.leave(self.message_id)
+
+    async def _generate(self) -> None:
         started = time.monotonic()
         ttft_ms = None
         usage: dict = {}
@@ -186,9 +196,9 @@ class Reply:
 def reply_start(
     *, message_id: int, provider: Provider, messages: list[ChatMessage], params: GenerationParams
 ) -> Reply:
+    _ensure_sweeper()
     reply = Reply(message_id, provider, messages, params)
     reply.start()
-    _ensure_sweeper()
     return reply
 
 
@@ -203,6 +213,92 @@ def reply_stop(message_id: int) -> bool:
         return False
     reply.stop()
     return True
+
+
+async def reply_stop_anywhere(message_id: int) -> bool:
+    """Stop a reply in this process or, over the channel layer, in another one.
+
+    False when no other process can be reached (no REDIS_URL).
+    """
+    if reply_stop(message_id):
+        return True
+    plane = control_plane()
+    if plane is None:
+        return False
+    await plane.request_stop(message_id)
+    return True
+
+
+class ControlPlane:
+    """Stop requests between server processes, over the Redis channel layer.
+
+    Each process listens on one channel of its own; the group `reply.<id>`
+    holds the channel of the process generating that reply, so a stop sent to
+    the group reaches it from any worker.
+    """
+
+    def __init__(self, layer):
+        self.layer = layer
+        loop = asyncio.get_running_loop()
+        self.loop = loop
+        self.channel: asyncio.Future[str] = loop.create_future()
+        self._listener = loop.create_task(self._listen(), context=contextvars.Context())
+        self._pending: set[asyncio.Task] = set()
+
+    async def _listen(self) -> None:
+        channel = await self.layer.new_channel()
+        self.channel.set_result(channel)
+        while True:
+            try:
+                message = await self.layer.receive(channel)
+            except Exception:
+                log.exception("channel layer receive failed; retrying")
+                await asyncio.sleep(1)
+                continue
+            if message.get("type") == "reply.stop":
+                reply_stop(int(message["id"]))
+
+    def _spawn(self, coro) -> None:
+        # Group membership is bookkeeping: never hold up a reply for it.
+        task = self.loop.create_task(coro, context=contextvars.Context())
+        self._pending.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task) -> None:
+        self._pending.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("channel layer call failed: %r", task.exception())
+
+    def join(self, message_id: int) -> None:
+        async def join():
+            await self.layer.group_add(f"reply.{message_id}", await self.channel)
+
+        self._spawn(join())
+
+    def leave(self, message_id: int) -> None:
+        async def leave():
+            await self.layer.group_discard(f"reply.{message_id}", await self.channel)
+
+        self._spawn(leave())
+
+    async def request_stop(self, message_id: int) -> None:
+        await self.layer.group_send(f"reply.{message_id}", {"type": "reply.stop", "id": message_id})
+
+
+_planes: dict[asyncio.AbstractEventLoop, ControlPlane] = {}
+
+
+def control_plane() -> ControlPlane | None:
+    """This event loop's control plane; None without a cross-process channel layer."""
+    if not settings.REDIS_URL:
+        return None
+    loop = asyncio.get_running_loop()
+    plane = _planes.get(loop)
+    if plane is None:
+        from channels.layers import get_channel_layer
+
+        plane = _planes[loop] = ControlPlane(get_channel_layer())
+    return plane
 
 
 def running_ids() -> list[int]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.contrib.auth.decorators import login_required
@@ -170,10 +172,15 @@ async def reply_stop(request: HttpRequest, pk: int, message_id: int) -> HttpResp
         reply.stop()
         end = await reply.wait()
         return JsonResponse({"status": end.status})
-    await message.arefresh_from_db(fields=["status"])
+    if message.status == Message.Status.STREAMING and await replies.reply_stop_anywhere(message.pk):
+        # Generating in another worker: wait for its final save.
+        for _ in range(50):
+            await message.arefresh_from_db(fields=["status"])
+            if message.status != Message.Status.STREAMING:
+                break
+            await asyncio.sleep(0.1)
     if message.status == Message.Status.STREAMING:
-        # Generating in another process that we cannot reach without Redis.
-        return _error("This reply is generating on another server process.", 409)
+        return _error("This reply is generating on a server process that cannot be reached.", 409)
     return JsonResponse({"status": message.status})
 
 

@@ -189,6 +189,8 @@ def browser():
 
 
 class Harness:
+    """One page for the whole module (a page load costs ~0.5 s), reset per test."""
+
     def __init__(self, page, origin: str):
         self.page = page
         self.origin = origin
@@ -198,10 +200,39 @@ class Harness:
         page.on("dialog", self._on_dialog)
         page.on("request", lambda request: self.requests.append(request.url))
         page.on("pageerror", lambda error: self.errors.append(str(error)))
+        # Injected by the driver, so it runs despite the CSP; pages cannot do this.
+        page.add_init_script(
+            """window.__cspViolations = [];
+               document.addEventListener("securitypolicyviolation",
+                 (e) => window.__cspViolations.push(
+                   [e.violatedDirective, e.blockedURI, e.sourceFile].join(" ")));"""
+        )
 
     def _on_dialog(self, dialog) -> None:
         self.dialogs.append(dialog.message)
         dialog.dismiss()
+
+    def load(self) -> None:
+        self.page.goto(self.origin + "/render_harness.html")
+        self.page.wait_for_function("() => window.ChatRender !== undefined")
+
+    def reset(self) -> None:
+        # Fresh elements, so a StreamView left over from another test writes
+        # into a detached node, not into this test's DOM.
+        self.page.evaluate(
+            """() => {
+                 for (const id of ["out", "stream", "reference"]) {
+                   const old = document.getElementById(id);
+                   const fresh = document.createElement("div");
+                   fresh.id = id;
+                   old.replaceWith(fresh);
+                 }
+                 window.__cspViolations = [];
+               }"""
+        )
+        self.dialogs.clear()
+        self.requests.clear()
+        self.errors.clear()
 
     def render(self, text: str, target: str = "out") -> str:
         """renderInto #target, wait for anything it might trigger, return its innerHTML."""
@@ -257,26 +288,23 @@ class Harness:
         ]
 
 
-@pytest.fixture
-def harness(browser, harness_url):
+@pytest.fixture(scope="module")
+def module_harness(browser, harness_url):
     context = browser.new_context(permissions=["clipboard-read", "clipboard-write"])
-    page = context.new_page()
-    # Injected by the driver, so it runs despite the CSP; pages cannot do this.
-    page.add_init_script(
-        """window.__cspViolations = [];
-           document.addEventListener("securitypolicyviolation",
-             (e) => window.__cspViolations.push(
-               [e.violatedDirective, e.blockedURI, e.sourceFile].join(" ")));"""
-    )
-    harness = Harness(page, harness_url)
-    page.goto(harness_url + "/render_harness.html")
-    page.wait_for_function("() => window.ChatRender !== undefined")
+    harness = Harness(context.new_page(), harness_url)
+    harness.load()
     yield harness
-    # Everything must run under script-src 'self' with nothing refused.
-    assert harness.csp_violations() == []
-    assert harness.errors == []
-    assert harness.dialogs == []
     context.close()
+
+
+@pytest.fixture
+def harness(module_harness):
+    module_harness.reset()
+    yield module_harness
+    # Everything must run under script-src 'self' with nothing refused.
+    assert module_harness.csp_violations() == []
+    assert module_harness.errors == []
+    assert module_harness.dialogs == []
 
 
 def chunked(text: str, seed: int) -> list[str]:
@@ -452,6 +480,7 @@ def test_code_block_highlighted_with_copy_button(harness):
     assert button.get_attribute("type") == "button"
     assert button.get_attribute("aria-label") == "Copy"
     assert blocks.nth(1).locator("button.copy-code").count() == 1
+    assert blocks.nth(1).locator("code span").count() == 0  # no language named: no guessing
 
     button.click()
 
@@ -488,6 +517,7 @@ def test_markdown_tables_and_lists_render(harness):
 
 
 def test_render_all_page_load_and_htmx_swap(harness):
+    harness.load()
     page = harness.page
     server = page.locator("#from-server")
     assert server.get_attribute("data-markdown-rendered") == ""
@@ -542,7 +572,8 @@ def long_reply(tokens: int, seed: int) -> list[str]:
 def test_stream_long_reply_linear_work(harness):
     pieces = long_reply(20_000, seed=7)
     text = "".join(pieces)
-    batches = ["".join(pieces[i : i + 20]) for i in range(0, len(pieces), 20)]
+    # 400 frames: a real frame each, so ~7 s.
+    batches = ["".join(pieces[i : i + 50]) for i in range(0, len(pieces), 50)]
 
     result = harness.page.evaluate(
         """async (batches) => {

@@ -1,0 +1,95 @@
+"""Several daphne workers sharing Redis: stop and resume reach a reply on another worker."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import time
+from urllib.parse import urlencode
+
+import pytest
+
+from chat.models import Message
+from tests.conftest import session_cookies
+from tests.live import LiveServer
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/3")
+
+
+@pytest.fixture
+def two_workers(upstream, django_db_blocker):
+    with django_db_blocker.unblock():
+        servers = [
+            LiveServer(upstream_url=upstream.base_url, extra_env={"REDIS_URL": REDIS_URL})
+            for _ in range(2)
+        ]
+    yield servers
+    for server in servers:
+        server.stop()
+
+
+class SseReader:
+    def __init__(self, server: LiveServer, method: str, path: str, cookie: str, form=None):
+        self.conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        headers = {"Cookie": cookie, "X-CSRFToken": "a" * 32}
+        body = None
+        if form is not None:
+            body = urlencode(form)
+            headers["Content-Type"] = "application/x-www-form-urlencoded"
+        self.conn.request(method, path, body=body, headers=headers)
+        self.response = self.conn.getresponse()
+        assert self.response.status == 200, self.response.read()
+
+    def event(self) -> tuple[str, dict]:
+        name, data = "message", None
+        while True:
+            line = self.response.fp.readline().decode()
+            if line.startswith("event:"):
+                name = line[6:].strip()
+            elif line.startswith("data:"):
+                data = json.loads(line[5:])
+            elif line == "\n" and data is not None:
+                return name, data
+
+    def until_end(self) -> dict:
+        while True:
+            name, data = self.event()
+            if name == "end":
+                return data
+
+
+def _post(server: LiveServer, path: str, cookie: str) -> tuple[int, dict]:
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    conn.request("POST", path, headers={"Cookie": cookie, "X-CSRFToken": "a" * 32})
+    response = conn.getresponse()
+    return response.status, json.loads(response.read())
+
+
+def test_stop_and_resume_from_another_worker(two_workers, user):
+    first, second = two_workers
+    cookie = session_cookies(user)
+    words = " ".join(f"w{i}" for i in range(40))
+    stream = SseReader(
+        first, "POST", "/c/send/", cookie, form={"content": words, "model": "fake-slow"}
+    )
+    _, start = stream.event()
+    conversation, reply_id = start["conversation"], start["assistant_message"]
+    while stream.event()[0] != "message":
+        pass
+
+    # A page on the other worker resumes from the stored checkpoints.
+    time.sleep(0.5)
+    resumed = SseReader(second, "GET", f"/c/{conversation}/m/{reply_id}/stream/", cookie)
+    name, snapshot = resumed.event()
+    assert name == "snapshot" and snapshot["t"].startswith("Echo: w0")
+
+    status, body = _post(second, f"/c/{conversation}/m/{reply_id}/stop/", cookie)
+    assert (status, body) == (200, {"status": "stopped"})
+    assert stream.until_end()["status"] == "stopped"
+    assert resumed.until_end()["status"] == "stopped"
+    row = Message.objects.get(pk=reply_id)
+    assert row.status == Message.Status.STOPPED
+    assert row.content.startswith("Echo: w0") and "w39" not in row.content
