@@ -13,15 +13,14 @@ import json
 import time
 from collections.abc import AsyncIterator
 
-from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponse, JsonResponse
-from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_POST
 
 from . import llm, replies, services
+from .db import run_db
 from .models import ApiKey, Message
 from .replies import HEARTBEAT, ReplyEnd
 from .streaming import PING, STREAM_OPEN, sse_response
@@ -68,18 +67,9 @@ async def _authenticate(request: HttpRequest) -> ApiKey:
             401,
             code="invalid_api_key",
         )
-    key = (
-        await ApiKey.objects.active()
-        .select_related("owner")
-        .filter(hashed=services.api_key_hash(raw_key.strip()), owner__is_active=True)
-        .afirst()
-    )
+    key = await run_db(services.api_key_authenticate, raw_key.strip())
     if key is None:
         raise ApiError("Incorrect API key provided.", 401, code="invalid_api_key")
-    now = timezone.now()
-    if key.last_used is None or (now - key.last_used).total_seconds() > 60:
-        # At most one write a minute per key, not one per request.
-        await ApiKey.objects.filter(pk=key.pk).aupdate(last_used=now)
     return key
 
 
@@ -214,7 +204,8 @@ async def chat_completions(request: HttpRequest, key: ApiKey) -> HttpResponse:
             code="model_not_found",
         )
     try:
-        conversation, assistant = await sync_to_async(services.api_conversation_create)(
+        conversation, assistant = await run_db(
+            services.api_conversation_create,
             key=key,
             model=model.id,
             messages=req["messages"],
@@ -228,8 +219,11 @@ async def chat_completions(request: HttpRequest, key: ApiKey) -> HttpResponse:
             type="rate_limit_error" if exc.status == 429 else "invalid_request_error",
             code="rate_limit_exceeded" if exc.status == 429 else None,
         ) from None
-    context = await sync_to_async(services.reply_context)(
-        conversation, assistant, model.context_chars
+    # The request's own messages are the context; no need to read them back.
+    context = services.trim_context(
+        conversation.system_prompt,
+        [llm.ChatMessage(role, content) for role, content in req["messages"] if role != "system"],
+        model.context_chars,
     )
     params = llm.GenerationParams(
         model=model.id, max_tokens=req["max_tokens"], temperature=req["temperature"]
@@ -246,7 +240,7 @@ async def chat_completions(request: HttpRequest, key: ApiKey) -> HttpResponse:
     except asyncio.CancelledError:
         reply.abandon()  # the client went away: nobody will read this reply
         raise
-    row = await Message.objects.aget(pk=assistant.pk)
+    row = await run_db(Message.objects.get, pk=assistant.pk)
     if end.status == Message.Status.ERROR:
         raise ApiError(end.error, 502, type="upstream_error", code="upstream_error")
     return JsonResponse(

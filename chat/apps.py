@@ -7,3 +7,6 @@ class ChatConfig(AppConfig):
 
     def ready(self) -> None:
         from . import checks  # noqa: F401 - registers the system checks
+        from .middleware import run_hooks_inline
+
+        run_hooks_inline()

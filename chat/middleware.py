@@ -1,5 +1,9 @@
-from asgiref.sync import iscoroutinefunction, markcoroutinefunction
+from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_async
 from django.conf import settings
+from django.contrib.auth import middleware as auth_middleware
+from django.contrib.messages import middleware as messages_middleware
+from django.contrib.sessions import middleware as sessions_middleware
+from django.middleware import clickjacking, common, csrf, security
 
 
 class ContentSecurityPolicyMiddleware:
@@ -28,3 +32,42 @@ class ContentSecurityPolicyMiddleware:
     def _add_header(self, response):
         response.headers.setdefault("Content-Security-Policy", self.policy)
         return response
+
+
+# Django's built-in middleware run their hooks through sync_to_async under
+# ASGI: a thread hop each, a dozen per request, and most of a request's CPU
+# under load. Their hooks only read and write headers and cookies, so
+# `run_hooks_inline` (called once at start-up) makes them run on the event loop
+# instead. The classes stay Django's own, so `check --deploy` still sees them.
+# Only a session that must be saved (a database write) still takes a thread.
+
+
+async def _inline_acall(self, request):
+    response = None
+    if hasattr(self, "process_request"):
+        response = self.process_request(request)
+    response = response or await self.get_response(request)
+    if hasattr(self, "process_response"):
+        response = self.process_response(request, response)
+    return response
+
+
+async def _session_acall(self, request):
+    self.process_request(request)  # a lazy session object: no I/O yet
+    response = await self.get_response(request)
+    if request.session.modified or settings.SESSION_SAVE_EVERY_REQUEST:
+        return await sync_to_async(self.process_response)(request, response)
+    return self.process_response(request, response)  # headers only
+
+
+def run_hooks_inline() -> None:
+    for cls in (
+        security.SecurityMiddleware,
+        common.CommonMiddleware,
+        csrf.CsrfViewMiddleware,
+        auth_middleware.AuthenticationMiddleware,
+        messages_middleware.MessageMiddleware,
+        clickjacking.XFrameOptionsMiddleware,
+    ):
+        cls.__acall__ = _inline_acall
+    sessions_middleware.SessionMiddleware.__acall__ = _session_acall

@@ -16,10 +16,10 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from asgiref.sync import sync_to_async
 from django.conf import settings
 
 from . import services
+from .db import run_db
 from .llm import ChatMessage, GenerationParams, Provider, ProviderError
 from .models import Message
 
@@ -165,7 +165,8 @@ class Reply:
         end.completion_tokens = usage.get("completion_tokens")
         self.end = end
         try:
-            await sync_to_async(services.reply_finish)(
+            await run_db(
+                services.reply_finish,
                 message_id=self.message_id,
                 content=self.text,
                 status=end.status,
@@ -189,7 +190,7 @@ class Reply:
         if self._checkpoint is not None and not self._checkpoint.done():
             return  # one in flight is enough; the next one carries more text
         self._checkpoint = asyncio.get_running_loop().create_task(
-            sync_to_async(services.reply_checkpoint)(message_id=self.message_id, content=self.text)
+            run_db(services.reply_checkpoint, message_id=self.message_id, content=self.text)
         )
 
 
@@ -363,7 +364,7 @@ async def _follow_row(message_id: int) -> AsyncIterator[str | ReplyEnd | object]
     sent = 0
     idle = 0.0
     while True:
-        row = await Message.objects.filter(pk=message_id).afirst()
+        row = await run_db(Message.objects.filter(pk=message_id).first)
         if row is None:
             yield ReplyEnd(status=Message.Status.ERROR, error="The reply was deleted.")
             return
@@ -407,9 +408,9 @@ async def _sweep_forever() -> None:
             # Touch our own running rows so other processes see them alive...
             ids = running_ids()
             if ids:
-                await sync_to_async(services.replies_touch)(ids=ids)
+                await run_db(services.replies_touch, ids=ids)
             # ...and retire the rows of processes that died.
-            swept = await sync_to_async(services.replies_sweep)(exclude_ids=ids)
+            swept = await run_db(services.replies_sweep, exclude_ids=ids)
             if swept:
                 log.warning("marked %d abandoned replies interrupted", swept)
         except Exception:

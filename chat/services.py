@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
+import re
 import secrets
 import time
+from collections import defaultdict
+from dataclasses import dataclass
 from datetime import timedelta
 
 from django.conf import settings
@@ -13,8 +17,8 @@ from django.contrib.auth import get_user_model
 from django.db import IntegrityError, OperationalError, transaction
 from django.utils import timezone
 
-from .llm import ChatMessage
-from .models import ApiKey, Conversation, Message, SiteOwner
+from .llm import ChatMessage, GenerationParams, Provider
+from .models import ApiKey, Conversation, Message, Preference, SiteOwner
 from .text import clean_text
 
 log = logging.getLogger(__name__)
@@ -108,24 +112,35 @@ def check_reply_quota(owner) -> None:
 
 
 def message_send(
-    *, conversation: Conversation, content: str, model: str, parent: Message | None = None
+    *,
+    conversation: Conversation,
+    content: str,
+    model: str,
+    parent: Message | None = None,
+    edit_of: Message | None = None,
 ) -> tuple[Message, Message]:
     """Save the user's message and an empty streaming assistant row, atomically.
 
     Both rows are committed before any upstream call. The new message follows
-    the conversation's current leaf unless `parent` is given (an edit). The
-    conversation row is locked so two tabs sending at once get a well-defined
-    order: the second message follows the first one's reply.
+    the conversation's current leaf unless `parent` is given, or `edit_of`: a
+    new version of that user message, its sibling (also for the first message,
+    whose parent is None). The conversation row is locked so two tabs sending
+    at once get a well-defined order: the second message follows the first
+    one's reply.
     """
     content = validate_message_content(content)
     check_reply_quota(conversation.owner)
     with transaction.atomic():
         locked = Conversation.objects.select_for_update().get(pk=conversation.pk)
-        if parent is None:
-            parent = locked.current_leaf
+        if edit_of is not None:
+            parent_id = edit_of.parent_id
+        elif parent is not None:
+            parent_id = parent.pk
+        else:
+            parent_id = locked.current_leaf_id
         user_message = Message.objects.create(
             conversation=locked,
-            parent=parent,
+            parent_id=parent_id,
             role=Message.Role.USER,
             content=content,
         )
@@ -228,22 +243,29 @@ def reply_context(
 ) -> list[ChatMessage]:
     """What the model sees for `reply`: the system prompt and the path before it.
 
-    Trimming policy when the path is longer than the context budget: keep the
-    system prompt and the newest messages that fit, dropping the oldest first;
-    the user's latest message is always kept (cut to the budget if alone it is
-    too long). Failed and empty replies are left out.
+    Failed and empty replies are left out; see trim_context for the budget.
     """
-    budget = context_chars or settings.CHAT_CONTEXT_CHARS
     path = conversation_path(conversation, reply)[:-1]
     turns = [
         ChatMessage(m.role, m.content)
         for m in path
         if m.content and not (m.role == Message.Role.ASSISTANT and m.status == Message.Status.ERROR)
     ]
-    system = (
-        [ChatMessage("system", conversation.system_prompt)] if conversation.system_prompt else []
-    )
-    budget -= sum(len(m.content) for m in system)
+    return trim_context(conversation.system_prompt, turns, context_chars)
+
+
+def trim_context(
+    system_prompt: str, turns: list[ChatMessage], context_chars: int | None = None
+) -> list[ChatMessage]:
+    """Fit a conversation into the model's context, by a stated policy.
+
+    Keep the system prompt and the newest messages that fit, dropping the
+    oldest first; the latest message is always kept (cut to the budget if
+    alone it is too long).
+    """
+    budget = context_chars or settings.CHAT_CONTEXT_CHARS
+    system = [ChatMessage("system", system_prompt)] if system_prompt else []
+    budget -= len(system_prompt)
     kept: list[ChatMessage] = []
     for turn in reversed(turns):
         if kept and len(turn.content) > budget:
@@ -339,5 +361,311 @@ def api_key_create(*, owner, name: str) -> tuple[ApiKey, str]:
     return key, raw_key
 
 
+def api_key_authenticate(raw_key: str) -> ApiKey | None:
+    """The active key matching `raw_key` (with its owner), or None."""
+    key = (
+        ApiKey.objects.active()
+        .select_related("owner")
+        .filter(hashed=api_key_hash(raw_key), owner__is_active=True)
+        .first()
+    )
+    if key is not None:
+        now = timezone.now()
+        if key.last_used is None or (now - key.last_used).total_seconds() > 60:
+            # At most one write a minute per key, not one per request.
+            ApiKey.objects.filter(pk=key.pk).update(last_used=now)
+    return key
+
+
 def api_key_revoke(*, key: ApiKey) -> None:
     ApiKey.objects.filter(pk=key.pk, revoked=None).update(revoked=timezone.now())
+
+
+# The chat page: the visible path and its versions, sidebar actions, settings,
+# titles, exports.
+
+THREAD_PAGE_SIZE = 50
+
+
+@dataclass
+class Thread:
+    """A page of the path the user is looking at, oldest first.
+
+    Each message carries `version_index` / `version_count` (its place among
+    its siblings, 1-based) and `previous_version_id` / `next_version_id`.
+    """
+
+    messages: list[Message]
+    has_older: bool
+    last_id: int | None
+
+
+def _message_tree(conversation: Conversation) -> tuple[dict[int, int | None], dict]:
+    """Parent of every message and the children of every message (and of None), by id."""
+    parents: dict[int, int | None] = {}
+    children: dict[int | None, list[int]] = defaultdict(list)
+    for pk, parent_id in conversation.messages.order_by("id").values_list("id", "parent_id"):
+        parents[pk] = parent_id
+        children[parent_id].append(pk)
+    return parents, children
+
+
+def conversation_thread(
+    conversation: Conversation, *, before: int | None = None, limit: int = THREAD_PAGE_SIZE
+) -> Thread:
+    """The latest `limit` messages of the current path, or those just before `before`.
+
+    Reads two id columns of the whole tree and the full rows of one page only,
+    so a conversation of thousands of messages opens as fast as a short one.
+    """
+    parents, children = _message_tree(conversation)
+    leaf = conversation.current_leaf_id
+    if leaf not in parents:
+        leaf = max(parents, default=None)
+    path: list[int] = []
+    while leaf is not None:
+        path.append(leaf)
+        leaf = parents[leaf]
+    path.reverse()
+    end = len(path)
+    if before is not None:
+        end = path.index(before) if before in path else 0
+    start = max(0, end - limit)
+    page_ids = path[start:end]
+    rows = Message.objects.in_bulk(page_ids)
+    messages = [rows[pk] for pk in page_ids]
+    for message in messages:
+        siblings = children[message.parent_id]
+        index = siblings.index(message.pk)
+        message.version_index = index + 1
+        message.version_count = len(siblings)
+        message.previous_version_id = siblings[index - 1] if index > 0 else None
+        message.next_version_id = siblings[index + 1] if index + 1 < len(siblings) else None
+    return Thread(messages=messages, has_older=start > 0, last_id=path[-1] if path else None)
+
+
+def message_version_select(*, conversation: Conversation, message: Message) -> int:
+    """Show `message`'s branch: the current leaf becomes the newest message below it."""
+    _, children = _message_tree(conversation)
+    newest, stack = message.pk, [message.pk]
+    while stack:
+        node = stack.pop()
+        newest = max(newest, node)  # ids grow with time, so the newest is a leaf
+        stack.extend(children.get(node, ()))
+    # A view change, not an edit: `updated` (the sidebar order) stays.
+    Conversation.objects.filter(pk=conversation.pk).update(current_leaf_id=newest)
+    conversation.current_leaf_id = newest
+    return newest
+
+
+def conversation_rename(*, conversation: Conversation, title: str) -> str:
+    """The user's own title; automatic titles never replace it afterwards."""
+    title = " ".join(clean_text(title).split())[:200]
+    if not title:
+        raise InputError("The title is empty.")
+    Conversation.objects.filter(pk=conversation.pk).update(title=title, title_locked=True)
+    conversation.title, conversation.title_locked = title, True
+    return title
+
+
+def conversation_archive(*, conversation: Conversation, archived: bool) -> None:
+    Conversation.objects.filter(pk=conversation.pk).update(archived=archived)
+    conversation.archived = archived
+
+
+def conversation_delete(*, conversation: Conversation) -> list[int]:
+    """Delete the conversation and all its messages; returns the ids of replies still running."""
+    running = list(conversation.messages.streaming().values_list("id", flat=True))
+    conversation.delete()
+    return running
+
+
+def _optional_number(raw: str, kind: type, name: str, low, high):
+    raw = (raw or "").strip()
+    if not raw:
+        return None
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise InputError(f"{name} must be a number.") from None
+    if not low <= value <= high:
+        raise InputError(f"{name} must be between {low} and {high}.")
+    return value
+
+
+def conversation_settings_parse(data) -> dict:
+    """The generation settings from a form (empty = the site's default), validated."""
+    system_prompt = clean_text(data.get("system_prompt", "")).strip()
+    if len(system_prompt) > settings.CHAT_MAX_MESSAGE_CHARS:
+        raise InputError("The system prompt is too long.", status=413)
+    return {
+        "system_prompt": system_prompt,
+        "temperature": _optional_number(data.get("temperature"), float, "Temperature", 0.0, 2.0),
+        "max_tokens": _optional_number(
+            data.get("max_tokens"), int, "Maximum reply length", 1, settings.CHAT_MAX_TOKENS
+        ),
+    }
+
+
+def conversation_settings_update(*, conversation: Conversation, **fields) -> None:
+    """Store the fields conversation_settings_parse() returned."""
+    Conversation.objects.filter(pk=conversation.pk).update(**fields)
+    for name, value in fields.items():
+        setattr(conversation, name, value)
+
+
+TITLE_PROMPT = (
+    "Write a short title, at most six words, for a conversation that begins with the "
+    "user's message below. Reply with the title only: no quotes, no punctuation at the end."
+)
+
+
+def title_fallback(first_message: str) -> str:
+    """The first words of the message, when the model gives no usable title."""
+    words = " ".join(clean_text(first_message).split()).split(" ")
+    title = " ".join(words[:8])
+    return title[:80] + ("…" if len(words) > 8 or len(title) > 80 else "")
+
+
+def title_clean(text: str) -> str:
+    line = next((line for line in text.strip().splitlines() if line.strip()), "")
+    line = re.sub(r"^\s*title\s*:\s*", "", line, flags=re.IGNORECASE)
+    line = " ".join(clean_text(line).strip().strip("\"'“”‘’*#`").split())
+    return line.rstrip(".").strip()[:80]
+
+
+async def title_suggest(
+    *, provider: Provider, model: str, first_message: str, timeout: float = 30
+) -> str:
+    """Ask the conversation's model for a title; "" when it gives none."""
+    messages = [ChatMessage("system", TITLE_PROMPT), ChatMessage("user", first_message[:2000])]
+    params = GenerationParams(model=model, max_tokens=24, temperature=0.2)
+    parts: list[str] = []
+    stream = provider.stream(messages, params)
+    try:
+        async with asyncio.timeout(timeout):
+            async for delta in stream:
+                parts.append(delta.text)
+    finally:
+        await stream.aclose()
+    return title_clean("".join(parts))
+
+
+def conversation_title_auto(*, conversation_id: int, title: str) -> bool:
+    """Set an automatic title, unless the user has named the conversation."""
+    title = title_clean(title)
+    if not title:
+        return False
+    # `update()` leaves `updated` alone: a title is no new activity.
+    return bool(
+        Conversation.objects.filter(pk=conversation_id, title_locked=False).update(title=title)
+    )
+
+
+def preference_theme_set(*, user, theme: str) -> str:
+    if theme not in Preference.Theme.values:
+        raise InputError("Unknown theme.")
+    Preference.objects.update_or_create(user=user, defaults={"theme": theme})
+    return theme
+
+
+def preference_theme(user) -> str:
+    theme = Preference.objects.filter(user=user).values_list("theme", flat=True).first()
+    return theme or Preference.Theme.SYSTEM
+
+
+_FENCE_OPEN = re.compile(r"^(`{3,}|~{3,})(.*)$")
+_FENCE_CLOSE = re.compile(r"^ {0,3}(`{3,}|~{3,})[ \t]*$")
+# A code span: equal backtick runs, the opener not backslash-escaped.
+_CODE_SPAN = re.compile(r"(?<![`\\])(`+)(?!`)(.+?)(?<!`)\1(?!`)")
+
+
+def markdown_escape_html(text: str) -> str:
+    """Make `text` safe to hand to any Markdown renderer: no raw HTML survives.
+
+    `<` becomes `&lt;` everywhere except inside fenced code blocks and code
+    spans, where renderers show it literally anyway. When unsure whether a
+    line is code, it is escaped: showing `&lt;` in code is the safe mistake.
+    """
+    lines = []
+    fence = None
+    for line in text.split("\n"):
+        if fence is not None:
+            close = _FENCE_CLOSE.match(line)
+            if close and close.group(1)[0] == fence[0] and len(close.group(1)) >= len(fence):
+                fence = None
+            lines.append(line)
+            continue
+        opening = _FENCE_OPEN.match(line)
+        # Only unindented fences: an indented one may belong to a list item
+        # that the next line closes, and then what follows would not be code.
+        if opening and not (opening.group(1)[0] == "`" and "`" in opening.group(2)):
+            fence = opening.group(1)
+            lines.append(line)
+            continue
+        pieces = _CODE_SPAN.split(line)
+        # split() with two groups yields [text, ticks, code, text, ticks, code, ...]
+        out = []
+        for index, piece in enumerate(pieces):
+            if index % 3 == 0:
+                out.append(piece.replace("<", "&lt;"))
+            elif index % 3 == 1:
+                out.append(piece + pieces[index + 1] + piece)
+        lines.append("".join(out))
+    return "\n".join(lines)
+
+
+def conversation_export_markdown(conversation: Conversation) -> str:
+    """The path the user is looking at, as Markdown with no live HTML in it."""
+    title = markdown_escape_html(" ".join(conversation.display_title.split()))
+    parts = [f"# {title}", "", f"Model: {markdown_escape_html(conversation.model)}"]
+    if conversation.system_prompt:
+        prompt = markdown_escape_html(conversation.system_prompt)
+        parts += ["", "## System prompt", "", prompt]
+    for message in conversation_path(conversation):
+        heading = "User" if message.role == Message.Role.USER else message.role.capitalize()
+        parts += ["", f"## {heading}", "", markdown_escape_html(message.content)]
+        if message.status not in {Message.Status.COMPLETE, Message.Status.STREAMING}:
+            parts += ["", f"*({message.status})*"]
+    return "\n".join(parts) + "\n"
+
+
+MESSAGE_EXPORT_FIELDS = [
+    "id",
+    "parent_id",
+    "role",
+    "content",
+    "status",
+    "model",
+    "finish_reason",
+    "prompt_tokens",
+    "completion_tokens",
+    "ttft_ms",
+    "duration_ms",
+    "error",
+]
+
+
+def conversation_export_data(conversation: Conversation) -> dict:
+    """Everything about the conversation, every version of every message included."""
+    messages = [
+        {
+            **{name: getattr(m, name) for name in MESSAGE_EXPORT_FIELDS},
+            "created": m.created.isoformat(),
+            "updated": m.updated.isoformat(),
+        }
+        for m in conversation.messages.order_by("id")
+    ]
+    return {
+        "id": conversation.pk,
+        "title": conversation.title,
+        "model": conversation.model,
+        "system_prompt": conversation.system_prompt,
+        "temperature": conversation.temperature,
+        "max_tokens": conversation.max_tokens,
+        "archived": conversation.archived,
+        "created": conversation.created.isoformat(),
+        "updated": conversation.updated.isoformat(),
+        "current_path": [m.pk for m in conversation_path(conversation)],
+        "messages": messages,
+    }

@@ -81,6 +81,8 @@ INSTALLED_APPS = [
     "chat",
 ]
 
+# Django's own middleware; chat.middleware.run_hooks_inline makes their hooks
+# run on the event loop (no thread hop per middleware under ASGI).
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     "chat.middleware.ContentSecurityPolicyMiddleware",
