@@ -13,7 +13,7 @@ from django.http import HttpResponse
 from django.utils import timezone
 
 from .accounts import ThrottledAdminAuthenticationForm
-from .models import Conversation, Message
+from .models import Conversation, Message, Preference
 
 admin.site.login_form = ThrottledAdminAuthenticationForm
 admin.site.site_header = "chatsite administration"
@@ -131,6 +131,7 @@ class ConversationAdmin(ReadOnlyAdmin):
         "model",
         "source",
         "archived",
+        "title_locked",
         "created",
         ("owner", admin.RelatedOnlyFieldListFilter),
     ]
@@ -213,3 +214,10 @@ class MessageAdmin(ReadOnlyAdmin):
     @admin.action(description="Export selected messages as CSV")
     def export_csv(self, request, queryset):
         return csv_response(export_rows(queryset), _export_name("messages"))
+
+
+@admin.register(Preference)
+class PreferenceAdmin(admin.ModelAdmin):
+    list_display = ["user", "theme"]
+    list_filter = ["theme"]
+    search_fields = ["user__username"]

@@ -1,21 +1,43 @@
 from __future__ import annotations
 
+from datetime import datetime
+
 from django.conf import settings
 from django.db import models
 from django.db.models import Q
+from django.utils import timezone
 
 
 class ConversationQuerySet(models.QuerySet):
     def owned_by(self, user) -> ConversationQuerySet:
         return self.filter(owner=user)
 
-    def for_sidebar(self, user, query: str = "") -> ConversationQuerySet:
-        qs = self.owned_by(user).filter(archived=False)
+    def for_sidebar(self, user, query: str = "", archived: bool = False) -> ConversationQuerySet:
+        qs = self.owned_by(user).filter(archived=archived)
         if query:
             qs = qs.filter(
                 Q(title__icontains=query) | Q(messages__content__icontains=query)
             ).distinct()
         return qs.order_by("-updated", "-id")
+
+    def by_day(self, now: datetime | None = None) -> list[tuple[str, list[Conversation]]]:
+        """The conversations in groups by last activity, in the site's time zone."""
+        today = timezone.localdate(now)
+        groups: dict[str, list[Conversation]] = {}
+        for conversation in self:
+            age = (today - timezone.localdate(conversation.updated)).days
+            if age <= 0:
+                label = "Today"
+            elif age == 1:
+                label = "Yesterday"
+            elif age < 7:
+                label = "Previous 7 days"
+            elif age < 30:
+                label = "Previous 30 days"
+            else:
+                label = "Older"
+            groups.setdefault(label, []).append(conversation)
+        return list(groups.items())
 
 
 class Conversation(models.Model):
@@ -27,6 +49,8 @@ class Conversation(models.Model):
         settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="conversations"
     )
     title = models.CharField(max_length=200, blank=True)
+    # Set once the user names the conversation: automatic titles never overwrite it.
+    title_locked = models.BooleanField(default=False)
     model = models.CharField(max_length=200)
     system_prompt = models.TextField(blank=True)
     temperature = models.FloatField(null=True, blank=True)
@@ -120,6 +144,23 @@ class Message(models.Model):
         if self.prompt_tokens is None and self.completion_tokens is None:
             return None
         return (self.prompt_tokens or 0) + (self.completion_tokens or 0)
+
+
+class Preference(models.Model):
+    """Per-user settings of the chat page."""
+
+    class Theme(models.TextChoices):
+        SYSTEM = "system", "Follow the system"
+        LIGHT = "light"
+        DARK = "dark"
+
+    user = models.OneToOneField(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="chat_preference"
+    )
+    theme = models.CharField(max_length=8, choices=Theme.choices, default=Theme.SYSTEM)
+
+    def __str__(self) -> str:
+        return f"Preferences of {self.user}"
 
 
 class SiteOwner(models.Model):

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import json
+import logging
+import re
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
@@ -10,11 +14,15 @@ from django.contrib.auth.decorators import login_required
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect
 from django.template.response import TemplateResponse
+from django.urls import reverse
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
+from django_htmx.http import HttpResponseClientRedirect
 
 from . import llm, replies, services
 from .models import ApiKey, Conversation, Message
 from .streaming import reply_sse, sse_response
+
+log = logging.getLogger(__name__)
 
 
 async def _owned_conversation(request: HttpRequest, pk: int) -> Conversation:
@@ -44,28 +52,47 @@ def _error(message: str, status: int) -> JsonResponse:
     return JsonResponse({"error": message}, status=status)
 
 
-async def _page_context(request: HttpRequest, conversation: Conversation | None) -> dict:
+def _current_conversation_id(request: HttpRequest) -> int | None:
+    """The conversation open in the page that sent an htmx request, if any."""
+    match = re.fullmatch(r"/c/(\d+)/", request.htmx.current_url_abs_path or "")
+    return int(match.group(1)) if match else None
+
+
+async def _sidebar_context(request: HttpRequest, conversation: Conversation | None) -> dict:
     user = await request.auser()
     query = request.GET.get("q", "").strip()
-    sidebar = await sync_to_async(list)(Conversation.objects.for_sidebar(user, query)[:200])
-    messages = []
+    archived = request.GET.get("archived") == "1"
+    sidebar = Conversation.objects.for_sidebar(user, query, archived=archived)[:200]
+    current_id = conversation.pk if conversation else _current_conversation_id(request)
+    return {
+        "groups": await sync_to_async(sidebar.by_day)(),
+        "current_id": current_id,
+        "query": query,
+        "archived_view": archived,
+    }
+
+
+async def _page_context(request: HttpRequest, conversation: Conversation | None) -> dict:
+    user = await request.auser()
+    thread = None
     if conversation is not None:
-        messages = await sync_to_async(services.conversation_path)(conversation)
+        thread = await sync_to_async(services.conversation_thread)(conversation)
     models = await llm.available_models()
     selected = conversation.model if conversation else await llm.default_model()
     return {
+        **await _sidebar_context(request, conversation),
         "conversation": conversation,
-        "conversations": sidebar,
-        "chat_messages": messages,
+        "thread": thread,
         "models": models,
         "selected_model": selected,
-        "query": query,
         "max_message_chars": settings.CHAT_MAX_MESSAGE_CHARS,
+        "max_tokens_limit": settings.CHAT_MAX_TOKENS,
+        "theme": await sync_to_async(services.preference_theme)(user),
     }
 
 
 def _page_template(request: HttpRequest) -> str:
-    # The sidebar search swaps only the conversation list.
+    # The sidebar search and the archived view swap only the conversation list.
     if request.htmx and request.htmx.target == "conversation-list":
         return "chat/_conversation_list.html"
     return "chat/chat.html"
@@ -100,20 +127,78 @@ async def message_send(request: HttpRequest, pk: int | None = None) -> HttpRespo
     try:
         content = services.validate_message_content(request.POST.get("content", ""))
         if conversation is None:
+            # A new chat takes the settings panel's values with its first message.
+            chat_settings = services.conversation_settings_parse(request.POST)
             await sync_to_async(services.check_reply_quota)(user)
             conversation = await sync_to_async(services.conversation_create)(
-                owner=user, model=model.id, title=content[:80]
+                owner=user, model=model.id, title=services.title_fallback(content)
+            )
+            await sync_to_async(services.conversation_settings_update)(
+                conversation=conversation, **chat_settings
             )
         user_message, assistant = await sync_to_async(services.message_send)(
             conversation=conversation, content=content, model=model.id
         )
     except services.InputError as exc:
         return _error(str(exc), exc.status)
-    return await _start_reply(conversation, assistant, model, {"user_message": user_message.pk})
+    return await _start_reply(
+        conversation, assistant, model, {"user_message": user_message.pk}, user_message
+    )
+
+
+@login_required
+@require_POST
+async def message_edit(request: HttpRequest, pk: int, message_id: int) -> HttpResponse:
+    """Send a new version of a user message (the old one and its replies stay)."""
+    message = await _owned_message(request, pk, message_id)
+    conversation = message.conversation
+    if message.role != Message.Role.USER:
+        return _error("Only your own messages can be edited.", 400)
+    model = await llm.resolve(request.POST.get("model", "").strip() or conversation.model)
+    if model is None:
+        return _error("That model is not available any more.", 400)
+    try:
+        user_message, assistant = await sync_to_async(services.message_send)(
+            conversation=conversation,
+            content=request.POST.get("content", ""),
+            model=model.id,
+            edit_of=message,
+        )
+    except services.InputError as exc:
+        return _error(str(exc), exc.status)
+    start = {"user_message": user_message.pk, "replaces": message.pk}
+    return await _start_reply(conversation, assistant, model, start, user_message)
+
+
+# Title tasks outlive their request; a reference keeps them from being collected.
+_title_tasks: set[asyncio.Task] = set()
+
+
+async def _title_after_reply(
+    reply: replies.Reply, conversation_id: int, model: llm.ModelInfo, first_message: str
+) -> None:
+    """Name the conversation once its first reply is complete, without delaying it."""
+    end = await reply.wait()
+    if end.status != Message.Status.COMPLETE:
+        return
+    title = ""
+    try:
+        title = await services.title_suggest(
+            provider=model.provider, model=model.id, first_message=first_message
+        )
+    except Exception as exc:  # any failure: the first words of the message stay
+        log.info("no title for conversation %s: %r", conversation_id, exc)
+    await sync_to_async(services.conversation_title_auto)(
+        conversation_id=conversation_id, title=title or services.title_fallback(first_message)
+    )
 
 
 async def _start_reply(
-    conversation: Conversation, assistant: Message, model: llm.ModelInfo, start: dict
+    conversation: Conversation,
+    assistant: Message,
+    model: llm.ModelInfo,
+    start: dict,
+    user_message: Message | None = None,
 ) -> HttpResponse:
     context = await sync_to_async(services.reply_context)(
         conversation, assistant, model.context_chars
@@ -122,11 +207,25 @@ async def _start_reply(
     params = llm.GenerationParams(
         model=model.id, max_tokens=max_tokens, temperature=conversation.temperature
     )
-    replies.reply_start(
+    reply = replies.reply_start(
         message_id=assistant.pk, provider=model.provider, messages=context, params=params
     )
+    # The first exchange names the conversation (unless the user already did).
+    title_pending = (
+        user_message is not None
+        and user_message.parent_id is None
+        and not conversation.title_locked
+    )
+    if title_pending:
+        task = asyncio.get_running_loop().create_task(
+            _title_after_reply(reply, conversation.pk, model, user_message.content),
+            context=contextvars.Context(),
+        )
+        _title_tasks.add(task)
+        task.add_done_callback(_title_tasks.discard)
     start = {
         **start,
+        "title_pending": title_pending,
         "conversation": conversation.pk,
         "title": conversation.display_title,
         "assistant_message": assistant.pk,
@@ -182,6 +281,155 @@ async def reply_stop(request: HttpRequest, pk: int, message_id: int) -> HttpResp
     if message.status == Message.Status.STREAMING:
         return _error("This reply is generating on a server process that cannot be reached.", 409)
     return JsonResponse({"status": message.status})
+
+
+@login_required
+@require_GET
+async def message_list(request: HttpRequest, pk: int) -> HttpResponse:
+    """A page of the current path: older messages (`before`), or the latest `limit`."""
+    conversation = await _owned_conversation(request, pk)
+    try:
+        before = int(request.GET["before"]) if "before" in request.GET else None
+        limit = min(max(int(request.GET.get("limit", services.THREAD_PAGE_SIZE)), 1), 200)
+    except ValueError:
+        return _error("before and limit must be numbers.", 400)
+    thread = await sync_to_async(services.conversation_thread)(
+        conversation, before=before, limit=limit
+    )
+    context = {"conversation": conversation, "thread": thread}
+    return TemplateResponse(request, "chat/_messages.html", context)
+
+
+@login_required
+@require_POST
+async def message_select(request: HttpRequest, pk: int, message_id: int) -> HttpResponse:
+    """Show another version of a message: its newest branch becomes the visible path."""
+    message = await _owned_message(request, pk, message_id)
+    conversation = message.conversation
+    await sync_to_async(services.message_version_select)(conversation=conversation, message=message)
+    thread = await sync_to_async(services.conversation_thread)(conversation)
+    context = {"conversation": conversation, "thread": thread}
+    return TemplateResponse(request, "chat/_messages.html", context)
+
+
+async def _item_response(request: HttpRequest, conversation: Conversation, template: str):
+    context = {
+        "item": conversation,
+        "current_id": _current_conversation_id(request),
+        "title_changed": True,
+    }
+    return TemplateResponse(request, template, context)
+
+
+@login_required
+@require_GET
+async def conversation_item(request: HttpRequest, pk: int) -> HttpResponse:
+    """The sidebar entry (to cancel a rename or a delete)."""
+    conversation = await _owned_conversation(request, pk)
+    return await _item_response(request, conversation, "chat/_conversation_item.html")
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+async def conversation_rename(request: HttpRequest, pk: int) -> HttpResponse:
+    """GET: the sidebar entry as a rename form; POST: save the user's title."""
+    conversation = await _owned_conversation(request, pk)
+    if request.method == "GET":
+        return await _item_response(request, conversation, "chat/_conversation_rename.html")
+    try:
+        await sync_to_async(services.conversation_rename)(
+            conversation=conversation, title=request.POST.get("title", "")
+        )
+    except services.InputError as exc:
+        return _error(str(exc), exc.status)
+    if not request.htmx:
+        return redirect("chat:conversation", pk)
+    return await _item_response(request, conversation, "chat/_conversation_item.html")
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+async def conversation_delete(request: HttpRequest, pk: int) -> HttpResponse:
+    """GET: the confirmation step in the sidebar; POST: delete, with every message."""
+    conversation = await _owned_conversation(request, pk)
+    if request.method == "GET":
+        return await _item_response(request, conversation, "chat/_conversation_delete.html")
+    running = await sync_to_async(services.conversation_delete)(conversation=conversation)
+    for message_id in running:
+        await replies.reply_stop_anywhere(message_id)
+    if not request.htmx:
+        return redirect("chat:home")
+    if _current_conversation_id(request) == pk:
+        return HttpResponseClientRedirect(reverse("chat:home"))
+    return HttpResponse("")
+
+
+@login_required
+@require_POST
+async def conversation_archive(request: HttpRequest, pk: int) -> HttpResponse:
+    """Archive (or, with archived=0, unarchive): the entry leaves the list it was in."""
+    conversation = await _owned_conversation(request, pk)
+    archived = request.POST.get("archived", "1") != "0"
+    await sync_to_async(services.conversation_archive)(conversation=conversation, archived=archived)
+    if not request.htmx:
+        return redirect("chat:conversation", pk)
+    return HttpResponse("")
+
+
+@login_required
+@require_POST
+async def conversation_settings(request: HttpRequest, pk: int) -> HttpResponse:
+    """System prompt, temperature and maximum reply length of one conversation."""
+    conversation = await _owned_conversation(request, pk)
+    try:
+        fields = services.conversation_settings_parse(request.POST)
+    except services.InputError as exc:
+        return HttpResponse(str(exc), status=exc.status, content_type="text/plain")
+    await sync_to_async(services.conversation_settings_update)(conversation=conversation, **fields)
+    return HttpResponse("Saved.", content_type="text/plain")
+
+
+@login_required
+@require_GET
+async def conversation_title(request: HttpRequest, pk: int) -> HttpResponse:
+    conversation = await _owned_conversation(request, pk)
+    return JsonResponse({"title": conversation.display_title})
+
+
+def _download(body: str, content_type: str, filename: str) -> HttpResponse:
+    response = HttpResponse(body, content_type=f"{content_type}; charset=utf-8")
+    response["Content-Disposition"] = f'attachment; filename="{filename}"'
+    return response
+
+
+@login_required
+@require_GET
+async def conversation_export_markdown(request: HttpRequest, pk: int) -> HttpResponse:
+    conversation = await _owned_conversation(request, pk)
+    body = await sync_to_async(services.conversation_export_markdown)(conversation)
+    return _download(body, "text/markdown", f"conversation-{pk}.md")
+
+
+@login_required
+@require_GET
+async def conversation_export_json(request: HttpRequest, pk: int) -> HttpResponse:
+    conversation = await _owned_conversation(request, pk)
+    data = await sync_to_async(services.conversation_export_data)(conversation)
+    body = json.dumps(data, ensure_ascii=False, indent=2)
+    return _download(body, "application/json", f"conversation-{pk}.json")
+
+
+@login_required
+@require_POST
+async def preference_theme(request: HttpRequest) -> HttpResponse:
+    """Remember the user's theme: light, dark or system."""
+    try:
+        theme = await sync_to_async(services.preference_theme_set)(
+            user=await request.auser(), theme=request.POST.get("theme", "")
+        )
+    except services.InputError as exc:
+        return _error(str(exc), exc.status)
+    return JsonResponse({"theme": theme})
 
 
 @login_required

@@ -1,5 +1,7 @@
-// The chat page: the streaming composer, stop, resume after reload.
-// Rendering (Markdown + the one sanitiser) lives in render.js as window.ChatRender.
+// The chat page: the streaming composer, stop, resume after reload, regenerate,
+// edit and versions, older messages on scroll, the sidebar's small behaviours
+// and the theme. Rendering (Markdown + the one sanitiser) lives in render.js
+// as window.ChatRender; htmx does the plain request-and-swap work.
 "use strict";
 
 (function () {
@@ -7,22 +9,25 @@
   if (!chat) return;
   const composer = document.getElementById("composer");
   const textarea = composer.querySelector("textarea[name=content]");
+  const modelSelect = composer.querySelector("select[name=model]");
   const sendButton = composer.querySelector("button.send");
   const stopButton = composer.querySelector("button.stop");
   const errorBox = composer.querySelector(".composer-error");
   const messages = document.getElementById("messages");
   const csrfToken = composer.querySelector("input[name=csrfmiddlewaretoken]").value;
 
-  // The reply this tab is following: {id, stopUrl, controller}.
+  // The reply this tab is following: {id, controller}.
   let active = null;
 
   function conversationId() {
     return chat.dataset.conversation;
   }
 
-  function stopUrl(messageId) {
-    return `/c/${conversationId()}/m/${messageId}/stop/`;
+  function conversationUrl(path) {
+    return `/c/${conversationId()}/${path}`;
   }
+
+  const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
   // Reads an SSE body from fetch(), calling onEvent(name, data) per event.
   async function readEvents(response, onEvent) {
@@ -54,25 +59,25 @@
     return node;
   }
 
-  function addUserMessage(text) {
+  function userArticle(text) {
     const article = el("article", { class: "message message-user", "data-role": "user" });
     article.append(el("div", { class: "message-body plain" }, text));
-    messages.append(article);
+    article.append(el("footer", { class: "message-meta" }));
     return article;
   }
 
-  function addAssistantMessage() {
+  function assistantArticle() {
     const article = el("article", {
       class: "message message-assistant",
       "data-role": "assistant",
       "data-status": "streaming",
+      "aria-live": "polite",
     });
     const body = el("div", { class: "message-body", "data-markdown": "" });
     const meta = el("footer", { class: "message-meta" });
     meta.append(el("span", { class: "status status-streaming" }, "Generating…"));
     meta.append(el("span", { class: "error-text" }, ""));
     article.append(body, meta);
-    messages.append(article);
     return article;
   }
 
@@ -104,6 +109,7 @@
   function setBusy(busy) {
     sendButton.hidden = busy;
     stopButton.hidden = !busy;
+    messages.classList.toggle("busy", busy);
     if (!busy) textarea.focus();
   }
 
@@ -112,16 +118,53 @@
     errorBox.hidden = !text;
   }
 
+  // The text a message was written as: what "Copy" copies and "Edit" starts from.
+  const sources = new WeakMap();
+  function messageSource(article) {
+    const body = article.querySelector(".message-body");
+    if (sources.has(article)) return sources.get(article);
+    if (window.ChatRender.sourceOf) return window.ChatRender.sourceOf(body) ?? body.innerText;
+    return article.dataset.role === "user" ? body.textContent : body.innerText;
+  }
+
+  // Server-rendered footers (versions, Copy, Edit, Regenerate) for messages
+  // this page created while streaming, once their ids and versions are known.
+  async function refreshFooters(articles) {
+    if (!conversationId()) return;
+    try {
+      const response = await fetch(conversationUrl("messages/?limit=2"));
+      if (!response.ok) return;
+      const template = document.createElement("template");
+      template.innerHTML = await response.text();
+      for (const fresh of template.content.querySelectorAll("article.message")) {
+        const article = articles.find((a) => a && a.id === fresh.id);
+        if (!article) continue;
+        const footer = fresh.querySelector(".message-meta");
+        article.querySelector(".message-meta").replaceWith(footer);
+        article.dataset.status = fresh.dataset.status;
+        window.htmx?.process(footer);
+      }
+    } catch (err) {
+      /* the page still works; a reload shows the controls */
+    }
+  }
+
   // Follows one reply's SSE stream into `article`.
-  async function follow(response, article, onStart) {
+  async function follow(response, article, user) {
     const view = new window.ChatRender.StreamView(article.querySelector(".message-body"));
     let ended = false;
+    let titlePending = false;
     await readEvents(response, (name, data) => {
       if (name === "start") {
-        onStart?.(data);
         article.id = `m-${data.assistant_message}`;
         article.dataset.id = data.assistant_message;
         active.id = data.assistant_message;
+        if (user && data.user_message) {
+          user.id = `m-${data.user_message}`;
+          user.dataset.id = data.user_message;
+        }
+        titlePending = data.title_pending;
+        adoptConversation(data);
       } else if (name === "snapshot") {
         view.setText(data.t);
       } else if (name === "message") {
@@ -133,42 +176,79 @@
       }
       scrollToBottom();
     });
+    sources.set(article, view.text);
+    article.removeAttribute("aria-live");
     if (!ended) {
       // The connection dropped; the reply itself goes on server-side.
       view.finish();
       setStatus(article, "interrupted", "Connection lost. Reload the page to see the reply.");
+      return;
     }
+    await refreshFooters([user, article]);
+    if (titlePending) followTitle();
+  }
+
+  function setTitle(title) {
+    document.querySelector(".chat-title").textContent = title;
+    document.title = `${title} · chatsite`;
+  }
+
+  // The sidebar, re-rendered by the server (day groups, the current entry).
+  async function refreshSidebar() {
+    const list = document.getElementById("conversation-list");
+    const search = document.querySelector("#sidebar input[type=search]");
+    const query = search.value ? `?q=${encodeURIComponent(search.value)}` : "";
+    const response = await fetch(`/${query}`, {
+      headers: {
+        "HX-Request": "true",
+        "HX-Target": "conversation-list",
+        "HX-Current-URL": location.href,
+      },
+    });
+    if (!response.ok) return;
+    list.innerHTML = await response.text();
+    window.htmx?.process(list);
   }
 
   function adoptConversation(data) {
     if (conversationId() === String(data.conversation)) return;
     chat.dataset.conversation = data.conversation;
-    const sendUrl = `/c/${data.conversation}/send/`;
-    composer.action = sendUrl;
+    composer.action = `/c/${data.conversation}/send/`;
     history.replaceState(null, "", `/c/${data.conversation}/`);
-    document.querySelector(".chat-title").textContent = data.title;
-    document.title = `${data.title} · chatsite`;
-    const list = document.querySelector("#conversation-list ul");
-    if (list) {
-      list.querySelector(".empty")?.remove();
-      const item = el("li");
-      item.append(el("a", { href: `/c/${data.conversation}/`, "aria-current": "page" }, data.title));
-      list.prepend(item);
+    setTitle(data.title);
+    refreshSidebar();
+  }
+
+  // The automatic title arrives shortly after the first reply.
+  async function followTitle() {
+    const before = document.querySelector(".chat-title").textContent;
+    for (const delay of [300, 1000, 2000, 4000]) {
+      await sleep(delay);
+      try {
+        const { title } = await (await fetch(conversationUrl("title/"))).json();
+        if (title !== before) {
+          setTitle(title);
+          await refreshSidebar();
+          return;
+        }
+      } catch (err) {
+        return;
+      }
     }
   }
 
-  async function send() {
-    const content = textarea.value;
-    if (!content.trim() || active) return;
+  // POSTs `body` to `url`, which answers with a reply's SSE stream; `place()`
+  // puts the new articles in the page once the server has accepted.
+  async function startReply(url, body, place) {
+    if (active) return false;
     showError("");
-    const form = new FormData(composer);
     active = { id: null, controller: new AbortController() };
     setBusy(true);
     let response;
     try {
-      response = await fetch(composer.action, {
+      response = await fetch(url, {
         method: "POST",
-        body: form,
+        body,
         headers: { "X-CSRFToken": csrfToken },
         signal: active.controller.signal,
       });
@@ -176,7 +256,7 @@
       showError("Could not reach the server. Your message was not sent.");
       active = null;
       setBusy(false);
-      return;
+      return false;
     }
     if (!response.ok) {
       let reason = `The server refused the message (HTTP ${response.status}).`;
@@ -188,22 +268,125 @@
       showError(reason);
       active = null;
       setBusy(false);
-      return;
+      return false;
     }
-    textarea.value = "";
     document.querySelector(".empty-hint")?.remove();
-    addUserMessage(content);
-    const article = addAssistantMessage();
+    const { user, article } = place();
     followBottom = true;
     scrollToBottom();
     try {
-      await follow(response, article, adoptConversation);
+      await follow(response, article, user);
     } catch (err) {
       if (err.name !== "AbortError") setStatus(article, "interrupted", "Connection lost.");
     }
     active = null;
     setBusy(false);
+    return true;
   }
+
+  function send() {
+    const content = textarea.value;
+    if (!content.trim() || active) return;
+    startReply(composer.action, new FormData(composer), () => {
+      textarea.value = "";
+      const user = userArticle(content);
+      const article = assistantArticle();
+      messages.append(user, article);
+      return { user, article };
+    });
+  }
+
+  function replyForm(fields) {
+    const form = new FormData();
+    form.set("model", modelSelect.value);
+    for (const [key, value] of Object.entries(fields || {})) form.set(key, value);
+    return form;
+  }
+
+  function regenerate(old) {
+    startReply(conversationUrl(`m/${old.dataset.id}/regenerate/`), replyForm(), () => {
+      const article = assistantArticle();
+      old.replaceWith(article);
+      return { article };
+    });
+  }
+
+  // Edit: the message becomes a form in place; "Save & send" sends a new
+  // version (the old one stays, reachable with the version arrows).
+  function openEditor(article) {
+    if (active || article.querySelector(".edit-form")) return;
+    const body = article.querySelector(".message-body");
+    const meta = article.querySelector(".message-meta");
+    const form = el("form", { class: "edit-form" });
+    const area = el("textarea", { "aria-label": "Edit message", rows: "3" });
+    area.value = messageSource(article);
+    const save = el("button", { type: "submit", class: "button primary" }, "Save & send");
+    const cancel = el("button", { type: "button", class: "button" }, "Cancel");
+    const actions = el("div", { class: "edit-actions" });
+    actions.append(cancel, save);
+    form.append(area, actions);
+    body.hidden = meta.hidden = true;
+    body.after(form);
+    area.focus();
+    const close = () => {
+      form.remove();
+      body.hidden = meta.hidden = false;
+      article.querySelector(".edit-message")?.focus();
+    };
+    cancel.addEventListener("click", close);
+    area.addEventListener("keydown", (event) => {
+      if (event.key === "Escape") {
+        event.stopPropagation();
+        close();
+      } else if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+        event.preventDefault();
+        form.requestSubmit();
+      }
+    });
+    form.addEventListener("submit", (event) => {
+      event.preventDefault();
+      const content = area.value;
+      if (!content.trim()) return;
+      const url = conversationUrl(`m/${article.dataset.id}/edit/`);
+      startReply(url, replyForm({ content }), () => {
+        // The new version replaces the old one and everything after it on screen.
+        while (article.nextElementSibling) article.nextElementSibling.remove();
+        const user = userArticle(content);
+        const reply = assistantArticle();
+        article.replaceWith(user);
+        messages.append(reply);
+        return { user, article: reply };
+      });
+    });
+  }
+
+  async function copyMessage(button) {
+    const text = messageSource(button.closest("article"));
+    let ok = false;
+    try {
+      await navigator.clipboard.writeText(text);
+      ok = true;
+    } catch (err) {
+      const area = el("textarea", { readonly: "", class: "offscreen" });
+      area.value = text;
+      document.body.append(area);
+      area.select();
+      ok = document.execCommand("copy");
+      area.remove();
+    }
+    button.textContent = ok ? "Copied" : "Copy failed";
+    setTimeout(() => (button.textContent = "Copy"), 1500);
+  }
+
+  messages.addEventListener("click", (event) => {
+    const button = event.target.closest("button");
+    if (!button || !messages.contains(button)) return;
+    const article = button.closest("article.message");
+    if (button.classList.contains("copy-message")) copyMessage(button);
+    else if (button.classList.contains("edit-message")) openEditor(article);
+    else if (button.classList.contains("regenerate")) regenerate(article);
+    else if (button.closest(".load-older")) loadOlder(button.closest(".load-older"));
+  });
 
   async function resume(article) {
     active = { id: article.dataset.id, controller: new AbortController() };
@@ -224,13 +407,53 @@
     if (!active || !active.id) return;
     stopButton.disabled = true;
     try {
-      await fetch(stopUrl(active.id), {
+      await fetch(conversationUrl(`m/${active.id}/stop/`), {
         method: "POST",
         headers: { "X-CSRFToken": csrfToken },
       });
     } finally {
       stopButton.disabled = false;
     }
+  }
+
+  // Older messages load when the top of the transcript comes into view; the
+  // reader stays where they were.
+  const olderObserver = new IntersectionObserver(
+    (entries) => {
+      for (const entry of entries) if (entry.isIntersecting) loadOlder(entry.target);
+    },
+    { root: messages, rootMargin: "400px 0px 0px 0px" },
+  );
+
+  function watchOlder() {
+    const sentinel = messages.querySelector(".load-older");
+    if (sentinel) olderObserver.observe(sentinel);
+  }
+
+  async function loadOlder(sentinel) {
+    if (sentinel.dataset.loading) return;
+    sentinel.dataset.loading = "1";
+    olderObserver.unobserve(sentinel);
+    let html;
+    try {
+      const response = await fetch(sentinel.dataset.url);
+      if (!response.ok) throw new Error(`HTTP ${response.status}`);
+      html = await response.text();
+    } catch (err) {
+      delete sentinel.dataset.loading;
+      return;
+    }
+    const template = document.createElement("template");
+    template.innerHTML = html;
+    const nodes = Array.from(template.content.children);
+    const fromBottom = messages.scrollHeight - messages.scrollTop;
+    sentinel.replaceWith(template.content);
+    for (const node of nodes) {
+      window.ChatRender.renderAll(node);
+      window.htmx?.process(node);
+    }
+    messages.scrollTop = messages.scrollHeight - fromBottom;
+    watchOlder();
   }
 
   composer.addEventListener("submit", (event) => {
@@ -243,12 +466,35 @@
       send();
     }
   });
+  stopButton.addEventListener("click", stop);
+
+  // Sidebar entry menus: one open at a time, closed by a click elsewhere or Escape.
+  function closeMenus(except) {
+    for (const menu of document.querySelectorAll(".item-menu[open]")) {
+      if (menu !== except) menu.open = false;
+    }
+  }
+  document.addEventListener("click", (event) => {
+    closeMenus(event.target.closest(".item-menu"));
+  });
+
   document.addEventListener("keydown", (event) => {
+    const key = event.key.toLowerCase();
+    if ((event.ctrlKey || event.metaKey) && event.shiftKey && key === "o") {
+      event.preventDefault();
+      location.assign("/");
+      return;
+    }
     if (event.key !== "Escape") return;
-    if (document.body.classList.contains("sidebar-open")) setSidebar(false);
+    const rename = event.target.closest?.(".rename-form");
+    const menu = event.target.closest?.(".item-menu[open]");
+    if (rename) rename.querySelector("button.cancel").click();
+    else if (menu) {
+      menu.open = false;
+      menu.querySelector("summary").focus();
+    } else if (document.body.classList.contains("sidebar-open")) setSidebar(false);
     else if (active) stop();
   });
-  stopButton.addEventListener("click", stop);
 
   // Phone layout: the sidebar slides over the chat and back.
   const sidebarToggle = document.querySelector(".sidebar-toggle");
@@ -261,8 +507,63 @@
   sidebarToggle.addEventListener("click", () => setSidebar(true));
   document.querySelector(".sidebar-close").addEventListener("click", () => setSidebar(false));
 
+  // htmx: no version switching under a running reply; resume after a swap;
+  // show the settings form's refusals; keep the tab title with the header.
+  document.addEventListener("htmx:beforeRequest", (event) => {
+    if (active && messages.contains(event.target)) event.preventDefault();
+  });
+  document.addEventListener("htmx:beforeSwap", (event) => {
+    if (event.detail.target.id === "settings-status" && event.detail.xhr.status < 500) {
+      event.detail.shouldSwap = true;
+      event.detail.isError = false;
+    }
+  });
+  document.addEventListener("htmx:afterSwap", (event) => {
+    if (event.detail.target === messages) {
+      watchOlder();
+      const streaming = messages.querySelector("article[data-status=streaming][data-stream-url]");
+      if (streaming && !active) resume(streaming);
+    }
+  });
+  document.addEventListener("htmx:oobAfterSwap", (event) => {
+    if (event.detail.target.id === "chat-title") setTitle(event.detail.target.textContent);
+  });
+
+  // Theme: the user's choice is stored; choosing what the system shows
+  // anyway goes back to following the system.
+  const themeButton = document.querySelector(".theme-toggle");
+  const systemDark = window.matchMedia("(prefers-color-scheme: dark)");
+  const root = document.documentElement;
+  function isDark() {
+    return root.dataset.theme ? root.dataset.theme === "dark" : systemDark.matches;
+  }
+  function applyTheme(theme) {
+    if (theme === "system") delete root.dataset.theme;
+    else root.dataset.theme = theme;
+    const media = (scheme) =>
+      theme === "system" ? `(prefers-color-scheme: ${scheme})` : theme === scheme ? "all" : "not all";
+    document.getElementById("code-theme-light")?.setAttribute("media", media("light"));
+    document.getElementById("code-theme-dark")?.setAttribute("media", media("dark"));
+    themeButton.setAttribute("aria-pressed", String(isDark()));
+  }
+  themeButton.addEventListener("click", () => {
+    const dark = !isDark();
+    const theme = dark === systemDark.matches ? "system" : dark ? "dark" : "light";
+    applyTheme(theme);
+    fetch(themeButton.dataset.url, {
+      method: "POST",
+      body: new URLSearchParams({ theme }),
+      headers: { "X-CSRFToken": csrfToken },
+    });
+  });
+  systemDark.addEventListener("change", () => {
+    themeButton.setAttribute("aria-pressed", String(isDark()));
+  });
+  themeButton.setAttribute("aria-pressed", String(isDark()));
+
   window.ChatRender.renderAll(document);
   const streaming = messages.querySelector("article[data-status=streaming][data-stream-url]");
   if (streaming) resume(streaming);
   scrollToBottom();
+  watchOlder();
 })();
