@@ -129,7 +129,7 @@ async def message_send(request: HttpRequest, pk: int | None = None) -> HttpRespo
         if conversation is None:
             # A new chat takes the settings panel's values with its first message.
             chat_settings = services.conversation_settings_parse(request.POST)
-            await sync_to_async(services.check_reply_quota)(user)
+            await sync_to_async(services.check_reply_quota)(user.pk)
             conversation = await sync_to_async(services.conversation_create)(
                 owner=user, model=model.id, title=services.title_fallback(content)
             )

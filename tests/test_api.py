@@ -141,6 +141,8 @@ def test_key_is_stored_only_as_hash_and_revocation_is_immediate(client, api_key,
     assert api_key not in (key.hashed, key.hint)
     assert key.hashed == services.api_key_hash(api_key)
     client.models.list()
+    key.refresh_from_db()
+    assert key.last_used is not None
     services.api_key_revoke(key=key)
     with pytest.raises(openai.AuthenticationError):
         client.models.list()
