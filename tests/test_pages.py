@@ -186,3 +186,232 @@ def test_check_deploy_is_clean_with_production_settings():
         env=env,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# The chat page's own routes: ownership, CSRF, and what each one answers.
+
+HTMX = {"HX-Request": "true"}
+
+OWNED_ROUTES = [
+    ("get", "chat:message_list", False),
+    ("get", "chat:conversation_item", False),
+    ("get", "chat:conversation_rename", False),
+    ("post", "chat:conversation_rename", False),
+    ("get", "chat:conversation_delete", False),
+    ("post", "chat:conversation_delete", False),
+    ("post", "chat:conversation_archive", False),
+    ("post", "chat:conversation_settings", False),
+    ("get", "chat:conversation_title", False),
+    ("get", "chat:conversation_export_markdown", False),
+    ("get", "chat:conversation_export_json", False),
+    ("post", "chat:message_edit", True),
+    ("post", "chat:message_select", True),
+]
+
+
+def _snapshot(conversation):
+    conversation.refresh_from_db()
+    return (
+        conversation.title,
+        conversation.archived,
+        conversation.system_prompt,
+        conversation.current_leaf_id,
+        Message.objects.count(),
+    )
+
+
+@pytest.mark.parametrize(("method", "route", "per_message"), OWNED_ROUTES)
+def test_new_routes_give_404_for_another_users_conversation(
+    client, other_user, conversation, method, route, per_message
+):
+    client.force_login(other_user)
+    message = conversation.messages.get(role="user")
+    args = [conversation.pk, message.pk] if per_message else [conversation.pk]
+    before = _snapshot(conversation)
+    data = {"title": "stolen", "content": "steal", "model": "fake", "system_prompt": "x"}
+    response = getattr(client, method)(reverse(route, args=args), data, headers=HTMX)
+    assert response.status_code == 404
+    assert _snapshot(conversation) == before
+    assert Conversation.objects.filter(pk=conversation.pk).exists()
+
+
+@pytest.mark.parametrize(
+    ("route", "per_message"),
+    [(route, per_message) for method, route, per_message in OWNED_ROUTES if method == "post"],
+)
+def test_new_posts_without_csrf_token_are_refused(user, conversation, route, per_message):
+    client = Client(enforce_csrf_checks=True)
+    client.force_login(user)
+    message = conversation.messages.get(role="user")
+    args = [conversation.pk, message.pk] if per_message else [conversation.pk]
+    before = _snapshot(conversation)
+    response = client.post(reverse(route, args=args), {"title": "x", "content": "x"})
+    assert response.status_code == 403
+    assert _snapshot(conversation) == before
+
+
+def test_theme_post_without_csrf_token_is_refused(user):
+    client = Client(enforce_csrf_checks=True)
+    client.force_login(user)
+    assert client.post(reverse("chat:preference_theme"), {"theme": "dark"}).status_code == 403
+    assert services.preference_theme(user) == "system"
+
+
+@pytest.mark.parametrize(
+    "route", ["chat:conversation_delete", "chat:conversation_archive", "chat:conversation_rename"]
+)
+def test_gets_never_change_state(alice, conversation, route):
+    before = _snapshot(conversation)
+    alice.get(reverse(route, args=[conversation.pk]), {"title": "x", "archived": "1"})
+    assert _snapshot(conversation) == before
+
+
+def test_sidebar_groups_conversations_by_day(alice, conversation):
+    html = alice.get("/").content.decode()
+    assert '<h2 class="group-label">Today</h2>' in html
+    assert "Alice&#x27;s chat" in html
+
+
+def test_rename_in_place(alice, conversation):
+    url = reverse("chat:conversation_rename", args=[conversation.pk])
+    form = alice.get(url, headers=HTMX).content.decode()
+    assert 'name="title"' in form and "autofocus" in form
+    current = {**HTMX, "HX-Current-URL": f"http://testserver/c/{conversation.pk}/"}
+    html = alice.post(url, {"title": "<b>Renamed</b>"}, headers=current).content.decode()
+    assert "&lt;b&gt;Renamed&lt;/b&gt;" in html and "<b>" not in html
+    assert 'id="chat-title" hx-swap-oob="true"' in html  # the header follows
+    conversation.refresh_from_db()
+    assert (conversation.title, conversation.title_locked) == ("<b>Renamed</b>", True)
+    assert alice.post(url, {"title": "  "}, headers=HTMX).status_code == 400
+
+
+def test_delete_confirms_first_then_removes_everything(alice, conversation):
+    url = reverse("chat:conversation_delete", args=[conversation.pk])
+    confirm = alice.get(url, headers=HTMX).content.decode()
+    assert "Delete “Alice&#x27;s chat” and all its messages?" in confirm
+    assert Conversation.objects.filter(pk=conversation.pk).exists()
+    other = {**HTMX, "HX-Current-URL": "http://testserver/"}
+    response = alice.post(url, headers=other)
+    assert response.status_code == 200 and response.content == b""
+    assert not Conversation.objects.exists() and not Message.objects.exists()
+
+
+def test_deleting_the_open_conversation_goes_home(alice, conversation):
+    url = reverse("chat:conversation_delete", args=[conversation.pk])
+    current = {**HTMX, "HX-Current-URL": f"http://testserver/c/{conversation.pk}/"}
+    response = alice.post(url, headers=current)
+    assert response["HX-Redirect"] == "/"
+
+
+def test_archive_and_unarchive(alice, conversation):
+    url = reverse("chat:conversation_archive", args=[conversation.pk])
+    alice.post(url, headers=HTMX)
+    assert "Alice&#x27;s chat" not in alice.get("/").content.decode()
+    archived = alice.get(
+        "/?archived=1", headers={**HTMX, "HX-Target": "conversation-list"}
+    ).content.decode()
+    assert "Alice&#x27;s chat" in archived and ">Unarchive</button>" in archived
+    alice.post(url, {"archived": "0"}, headers=HTMX)
+    conversation.refresh_from_db()
+    assert not conversation.archived
+
+
+def test_settings_are_saved_and_refused_when_invalid(alice, conversation):
+    url = reverse("chat:conversation_settings", args=[conversation.pk])
+    response = alice.post(url, {"system_prompt": "Be terse.", "temperature": "0.5"})
+    assert response.content == b"Saved."
+    conversation.refresh_from_db()
+    assert (conversation.system_prompt, conversation.temperature) == ("Be terse.", 0.5)
+    bad = alice.post(url, {"temperature": "9"})
+    assert bad.status_code == 400 and b"Temperature" in bad.content
+    page = alice.get(reverse("chat:conversation", args=[conversation.pk])).content.decode()
+    assert "Be terse.</textarea>" in page and 'value="0.5"' in page
+
+
+def test_new_chat_takes_settings_with_its_first_message(alice):
+    form = {"content": "hi", "model": "fake", "system_prompt": "Pirate.", "max_tokens": "9"}
+    response = alice.post("/c/send/", form)
+    assert response.status_code == 200
+    conversation = Conversation.objects.get()
+    assert (conversation.system_prompt, conversation.max_tokens) == ("Pirate.", 9)
+
+
+def test_long_conversation_opens_on_its_latest_page(alice, conversation):
+    for i in range(60):
+        _, reply = services.message_send(conversation=conversation, content=f"q{i}", model="fake")
+        services.reply_finish(message_id=reply.pk, content=f"a{i}", status="complete")
+    html = alice.get(reverse("chat:conversation", args=[conversation.pk])).content.decode()
+    assert html.count('<article class="message') == 50
+    assert 'class="load-older"' in html and "a59" in html and ">q34<" not in html
+    first = conversation.messages.get(content="q35")
+    older = alice.get(
+        reverse("chat:message_list", args=[conversation.pk]), {"before": first.pk}
+    ).content.decode()
+    assert older.count('<article class="message') == 50 and ">q10<" in older
+    assert (
+        alice.get(reverse("chat:message_list", args=[conversation.pk]), {"before": "x"}).status_code
+        == 400
+    )
+
+
+def test_version_switcher_moves_between_versions(alice, conversation):
+    first = conversation.messages.get(role="assistant")
+    second = services.reply_regenerate(conversation=conversation, reply=first, model="fake")
+    services.reply_finish(message_id=second.pk, content="second answer", status="complete")
+    html = alice.get(reverse("chat:conversation", args=[conversation.pk])).content.decode()
+    assert "2 / 2" in html and 'aria-label="Previous version"' in html
+    assert ">Regenerate</button>" in html
+    select = reverse("chat:message_select", args=[conversation.pk, first.pk])
+    swapped = alice.post(select, headers=HTMX).content.decode()
+    assert "1 / 2" in swapped and "**bold** answer" in swapped
+    assert "<html" not in swapped
+    conversation.refresh_from_db()
+    assert conversation.current_leaf_id == first.pk
+
+
+def test_failed_reply_offers_retry(alice, conversation):
+    reply = conversation.messages.get(role="assistant")
+    Message.objects.filter(pk=reply.pk).update(status="error", error="Rate limited (HTTP 429).")
+    html = alice.get(reverse("chat:conversation", args=[conversation.pk])).content.decode()
+    assert ">Retry</button>" in html and "Rate limited (HTTP 429)." in html
+
+
+def test_edit_refuses_a_reply(alice, conversation):
+    reply = conversation.messages.get(role="assistant")
+    response = alice.post(
+        reverse("chat:message_edit", args=[conversation.pk, reply.pk]), {"content": "x"}
+    )
+    assert response.status_code == 400
+
+
+def test_exports(alice, conversation):
+    md = alice.get(reverse("chat:conversation_export_markdown", args=[conversation.pk]))
+    assert md["Content-Type"] == "text/markdown; charset=utf-8"
+    assert md["Content-Disposition"] == f'attachment; filename="conversation-{conversation.pk}.md"'
+    assert "## User\n\nhi there" in md.content.decode()
+    data = alice.get(reverse("chat:conversation_export_json", args=[conversation.pk])).json()
+    assert [m["role"] for m in data["messages"]] == ["user", "assistant"]
+    assert data["messages"][1]["status"] == "complete"
+
+
+def test_title_endpoint(alice, conversation):
+    response = alice.get(reverse("chat:conversation_title", args=[conversation.pk]))
+    assert response.json() == {"title": "Alice's chat"}
+
+
+def test_theme_is_remembered_and_set_on_the_page(alice, user):
+    assert "data-theme" not in alice.get("/").content.decode()
+    assert alice.post(reverse("chat:preference_theme"), {"theme": "dark"}).json() == {
+        "theme": "dark"
+    }
+    html = alice.get("/").content.decode()
+    assert '<html lang="en" data-theme="dark">' in html
+    assert 'aria-pressed="true"' in html
+    assert alice.post(reverse("chat:preference_theme"), {"theme": "x"}).status_code == 400
+
+
+def test_every_control_is_named(alice, conversation):
+    html = alice.get(reverse("chat:conversation", args=[conversation.pk])).content.decode()
+    for name in [">Copy<", ">Edit<", ">Regenerate<", ">Rename<", ">Delete<", ">Archive<"]:
+        assert name in html, name
+    assert 'aria-label="Search"' in html and ">Dark mode</button>" in html

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 
 import pytest
@@ -7,8 +8,9 @@ from django.db import OperationalError
 from django.utils import timezone
 
 from chat import services
-from chat.models import Message
+from chat.models import Conversation, Message
 from chat.text import clean_text
+from tests.conftest import AsgiStream
 
 pytestmark = pytest.mark.django_db
 
@@ -139,3 +141,265 @@ def test_chat_sweep_command(conversation):
     _, reply = services.message_send(conversation=conversation, content="a", model="fake")
     call_command("chat_sweep", "--all")
     assert Message.objects.get(pk=reply.pk).status == "interrupted"
+
+
+# The chat page: versions, paging, sidebar, settings, titles, exports.
+
+
+def test_edit_of_first_message_is_a_new_root_version(conversation):
+    first = _exchange(conversation, "q1", "a1")
+    _exchange(conversation, "q2", "a2")
+    original = first.parent
+    edited, reply = services.message_send(
+        conversation=conversation, content="q1 again", model="fake", edit_of=original
+    )
+    assert edited.parent_id is None
+    assert reply.parent_id == edited.pk
+    conversation.refresh_from_db()
+    path = services.conversation_path(conversation)
+    assert [m.content for m in path] == ["q1 again", ""]
+    assert Message.objects.filter(conversation=conversation).count() == 6
+
+
+def test_thread_shows_versions_of_each_message(conversation):
+    first = _exchange(conversation, "q", "v1")
+    second = services.reply_regenerate(conversation=conversation, reply=first, model="fake")
+    conversation.refresh_from_db()
+    thread = services.conversation_thread(conversation)
+    user_message, reply = thread.messages
+    assert (user_message.version_index, user_message.version_count) == (1, 1)
+    assert reply.pk == second.pk
+    assert (reply.version_index, reply.version_count) == (2, 2)
+    assert (reply.previous_version_id, reply.next_version_id) == (first.pk, None)
+    assert thread.last_id == second.pk
+    assert not thread.has_older
+
+
+def test_thread_pages_from_the_end(conversation):
+    for i in range(30):
+        _exchange(conversation, f"q{i}", f"a{i}")
+    conversation.refresh_from_db()
+    latest = services.conversation_thread(conversation, limit=50)
+    assert latest.has_older
+    assert [m.content for m in latest.messages[:2]] == ["q5", "a5"]
+    assert latest.messages[-1].content == "a29"
+    older = services.conversation_thread(conversation, before=latest.messages[0].pk, limit=50)
+    assert not older.has_older
+    assert [m.content for m in older.messages] == [
+        text for i in range(5) for text in (f"q{i}", f"a{i}")
+    ]
+
+
+def test_thread_reads_a_constant_number_of_queries(conversation, django_assert_max_num_queries):
+    for i in range(60):
+        _exchange(conversation, f"q{i}", f"a{i}")
+    conversation.refresh_from_db()
+    with django_assert_max_num_queries(2):
+        thread = services.conversation_thread(conversation)
+        assert len(thread.messages) == 50
+        assert all(m.content for m in thread.messages)
+
+
+def test_version_select_shows_the_newest_branch_below(conversation):
+    first = _exchange(conversation, "q", "v1")
+    _exchange(conversation, "follow-up", "deeper")
+    second = services.reply_regenerate(conversation=conversation, reply=first, model="fake")
+    leaf = services.message_version_select(conversation=conversation, message=first)
+    conversation.refresh_from_db()
+    assert Message.objects.get(pk=leaf).content == "deeper"
+    assert conversation.current_leaf_id == leaf
+    assert services.message_version_select(conversation=conversation, message=second) == second.pk
+
+
+def test_rename_locks_the_title_against_automatic_titles(conversation):
+    assert services.conversation_title_auto(conversation_id=conversation.pk, title="Auto")
+    services.conversation_rename(conversation=conversation, title="  Mine \n ")
+    assert not services.conversation_title_auto(conversation_id=conversation.pk, title="Later")
+    conversation.refresh_from_db()
+    assert (conversation.title, conversation.title_locked) == ("Mine", True)
+    with pytest.raises(services.InputError):
+        services.conversation_rename(conversation=conversation, title="   ")
+
+
+def test_rename_and_archive_keep_the_sidebar_order(conversation):
+    before = Conversation.objects.get(pk=conversation.pk).updated
+    services.conversation_rename(conversation=conversation, title="New")
+    services.conversation_archive(conversation=conversation, archived=True)
+    assert Conversation.objects.get(pk=conversation.pk).updated == before
+
+
+def test_sidebar_groups_by_day_in_the_site_time_zone(user, settings):
+    settings.TIME_ZONE = "Europe/Paris"
+    now = timezone.now().replace(hour=12)
+    ages = {"today": 0, "yesterday": 1, "week": 3, "month": 20, "old": 200}
+    for title, days in ages.items():
+        c = services.conversation_create(owner=user, model="fake", title=title)
+        Conversation.objects.filter(pk=c.pk).update(updated=now - timedelta(days=days))
+    groups = Conversation.objects.for_sidebar(user).by_day(now=now)
+    assert [(label, [c.title for c in items]) for label, items in groups] == [
+        ("Today", ["today"]),
+        ("Yesterday", ["yesterday"]),
+        ("Previous 7 days", ["week"]),
+        ("Previous 30 days", ["month"]),
+        ("Older", ["old"]),
+    ]
+
+
+def test_sidebar_lists_archived_apart(user, conversation):
+    services.conversation_archive(conversation=conversation, archived=True)
+    assert list(Conversation.objects.for_sidebar(user)) == []
+    assert list(Conversation.objects.for_sidebar(user, archived=True)) == [conversation]
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"temperature": "hot"},
+        {"temperature": "2.5"},
+        {"max_tokens": "0"},
+        {"max_tokens": "999999"},
+        {"max_tokens": "1.5"},
+    ],
+)
+def test_settings_parse_refuses_bad_values(data):
+    with pytest.raises(services.InputError):
+        services.conversation_settings_parse(data)
+
+
+def test_settings_update_stores_values_and_blank_means_default(conversation):
+    fields = services.conversation_settings_parse(
+        {"system_prompt": " Be brief. ", "temperature": "0.3", "max_tokens": "100"}
+    )
+    services.conversation_settings_update(conversation=conversation, **fields)
+    conversation.refresh_from_db()
+    assert (conversation.system_prompt, conversation.temperature, conversation.max_tokens) == (
+        "Be brief.",
+        0.3,
+        100,
+    )
+    fields = services.conversation_settings_parse({"temperature": "", "max_tokens": ""})
+    assert fields == {"system_prompt": "", "temperature": None, "max_tokens": None}
+
+
+def test_title_clean_and_fallback():
+    assert services.title_clean('Title: "Rust borrow checker tips".\nmore') == (
+        "Rust borrow checker tips"
+    )
+    assert services.title_clean("   \n") == ""
+    assert services.title_fallback("one two three four five six seven eight nine") == (
+        "one two three four five six seven eight…"
+    )
+    assert services.title_fallback("short  question") == "short question"
+
+
+async def test_title_suggest_asks_the_model_briefly(scripted):
+    await scripted.script.put("**Weather in Paris**")
+    await scripted.script.put(None)
+    title = await services.title_suggest(
+        provider=scripted, model="scripted", first_message="How is the weather in Paris?"
+    )
+    assert title == "Weather in Paris"
+    (messages,) = scripted.calls
+    assert messages[0].role == "system"
+    assert messages[1].content == "How is the weather in Paris?"
+    assert scripted.closed.is_set()
+
+
+def test_theme_preference(user):
+    assert services.preference_theme(user) == "system"
+    services.preference_theme_set(user=user, theme="dark")
+    assert services.preference_theme(user) == "dark"
+    with pytest.raises(services.InputError):
+        services.preference_theme_set(user=user, theme="<b>")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("<img src=x onerror=alert(1)>", "&lt;img src=x onerror=alert(1)>"),
+        ("use `<b>` here <b>", "use `<b>` here &lt;b>"),
+        ("```html\n<b>x</b>\n```\n<i>", "```html\n<b>x</b>\n```\n&lt;i>"),
+        # Not a fence (backtick in the info string) and an indented one: escaped.
+        ("``` a`b\n<b>", "``` a`b\n&lt;b>"),
+        ("- item\n  ```\n- <img src=x>", "- item\n  ```\n- &lt;img src=x>"),
+        # An escaped backtick opens no code span.
+        ("\\`<img src=x onerror=alert(1)>`", "\\`&lt;img src=x onerror=alert(1)>`"),
+        ("``a`<b>``", "``a`<b>``"),
+    ],
+)
+def test_markdown_escape_html(text, expected):
+    assert services.markdown_escape_html(text) == expected
+
+
+def test_markdown_export_has_no_live_html(conversation):
+    conversation.title = "<script>alert(1)</script>"
+    conversation.system_prompt = "<img src=x onerror=alert(2)>"
+    conversation.save()
+    _exchange(conversation, "<svg onload=alert(3)>", "```\n<kept in code>\n```")
+    conversation.refresh_from_db()
+    text = services.conversation_export_markdown(conversation)
+    assert text.startswith("# &lt;script>alert(1)&lt;/script>\n")
+    assert "&lt;img src=x" in text and "&lt;svg onload" in text
+    assert "```\n<kept in code>\n```" in text
+    assert "## User" in text and "## Assistant" in text
+
+
+def test_json_export_holds_every_version_with_metadata(conversation):
+    first = _exchange(conversation, "q", "v1")
+    services.reply_regenerate(conversation=conversation, reply=first, model="fake")
+    conversation.refresh_from_db()
+    data = services.conversation_export_data(conversation)
+    assert len(data["messages"]) == 3
+    assert len(data["current_path"]) == 2
+    assert set(services.MESSAGE_EXPORT_FIELDS) <= set(data["messages"][0])
+    assert data["messages"][1]["parent_id"] == data["messages"][0]["id"]
+
+
+async def _drain(stream) -> list[tuple[str, dict]]:
+    return [event async for event in stream.events()]
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_first_reply_names_the_conversation_after_it_ends(user, asgi_login):
+
+    cookie = await asgi_login(user)
+    stream = AsgiStream("POST", "/c/send/", cookie=cookie, form={"content": "hello there"})
+    assert await stream.start() == 200
+    events = await _drain(stream)
+    start = events[0][1]
+    assert start["title_pending"] is True and start["title"] == "hello there"
+    assert events[-1] == ("end", {"status": "complete", "error": "", "finish_reason": "stop"})
+    for _ in range(100):
+        conversation = await Conversation.objects.aget(pk=start["conversation"])
+        if conversation.title != "hello there":
+            break
+        await asyncio.sleep(0.02)
+    # The fake model echoes its prompt: proof the title came from the model.
+    assert conversation.title == "Echo: hello there"
+    assert not conversation.title_locked
+
+    # Later replies in the conversation start no title task.
+    url = f"/c/{conversation.pk}/send/"
+    second = AsgiStream("POST", url, cookie=cookie, form={"content": "more"})
+    assert await second.start() == 200
+    assert (await _drain(second))[0][1]["title_pending"] is False
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_failing_title_falls_back_to_the_first_words(user, asgi_login, monkeypatch):
+    async def broken(**kwargs):
+        raise RuntimeError("model gone")
+
+    monkeypatch.setattr(services, "title_suggest", broken)
+    stream = AsgiStream(
+        "POST",
+        "/c/send/",
+        cookie=await asgi_login(user),
+        form={"content": "  please   explain monads to me like I am five years old"},
+    )
+    assert await stream.start() == 200
+    start = (await _drain(stream))[0][1]
+    for _ in range(50):
+        await asyncio.sleep(0.02)
+        conversation = await Conversation.objects.aget(pk=start["conversation"])
+    assert conversation.title == "please explain monads to me like I am…"

@@ -525,8 +525,9 @@
       if (streaming && !active) resume(streaming);
     }
   });
-  document.addEventListener("htmx:oobAfterSwap", (event) => {
-    if (event.detail.target.id === "chat-title") setTitle(event.detail.target.textContent);
+  document.addEventListener("htmx:oobAfterSwap", () => {
+    // A rename swaps the header in; the tab title follows it.
+    document.title = `${document.getElementById("chat-title").textContent} · chatsite`;
   });
 
   // Theme: the user's choice is stored; choosing what the system shows
