@@ -41,8 +41,10 @@ format: install-dev
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
+# Streaming benchmark; the report goes to docs/performance.md. BENCH_ARGS=--quick for a short run.
 bench: install-dev
-	$(PY) benchmarks/run.py
+	$(PY) -m pip install --quiet -r requirements-bench.txt
+	$(PY) benchmarks/run.py --command "make bench $(BENCH_ARGS)" $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) staticfiles

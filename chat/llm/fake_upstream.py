@@ -29,7 +29,11 @@ Use it in one of three ways:
   which prints ``listening on http://127.0.0.1:PORT/v1`` once ready.
 
 Endpoints: ``GET /v1/models``, ``POST /v1/chat/completions`` (stream true or
-false), ``GET /stats`` (the counters as JSON) and ``POST /stats/reset``.
+false), ``GET /stats`` (the counters as JSON), ``GET /stats/abandoned`` (one
+record per abandoned stream since the last reset: ``eof_at``, when the client's
+close was seen, and ``at``, when the stream ended, both ``time.monotonic()``
+seconds, which on Linux compare across processes; ``sent``, tokens sent) and
+``POST /stats/reset``.
 
 Counters (``stats``): ``started`` counts chat-completion requests for a known
 model; each of them ends as ``completed`` (the server played its script to the
@@ -131,19 +135,21 @@ def _text_of(content) -> str:
 class _Conn:
     """A buffered reader over a StreamReader, plus disconnect detection."""
 
-    __slots__ = ("reader", "writer", "buf", "eof", "watch")
+    __slots__ = ("reader", "writer", "buf", "eof", "eof_at", "watch")
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         self.reader = reader
         self.writer = writer
         self.buf = bytearray()
         self.eof = False
+        self.eof_at: float | None = None
         self.watch: asyncio.Task | None = None
 
     async def _fill(self) -> None:
         data = await self.reader.read(65536)
         if not data:
             self.eof = True
+            self.eof_at = time.monotonic()
             raise _Disconnected
         self.buf += data
 
@@ -224,6 +230,7 @@ class FakeUpstream:
         self.gap_ms = gap_ms
         self.stall_seconds = stall_seconds
         self._stats = {"started": 0, "completed": 0, "abandoned": 0, "active": 0}
+        self._abandoned: list[dict] = []
         self._server: asyncio.base_events.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -246,6 +253,12 @@ class FakeUpstream:
         """Zero started/completed/abandoned; `active` keeps counting what is in flight."""
         for key in ("started", "completed", "abandoned"):
             self._stats[key] = 0
+        self._abandoned.clear()
+
+    @property
+    def abandoned(self) -> list[dict]:
+        """One record per abandoned stream since the last reset (see the module docstring)."""
+        return [dict(r) for r in self._abandoned]
 
     async def start_async(self) -> FakeUpstream:
         """Start listening on the running loop; returns once the socket is bound."""
@@ -394,6 +407,8 @@ class FakeUpstream:
             return await self._chat(conn, body, keep_alive)
         elif path == "/stats" and method == "GET":
             await self._send(conn, 200, _dumps(self.stats).encode(), keep_alive)
+        elif path == "/stats/abandoned" and method == "GET":
+            await self._send(conn, 200, _dumps(self.abandoned).encode(), keep_alive)
         elif path == "/stats/reset" and method == "POST":
             self.reset_stats()
             await self._send(conn, 200, _dumps(self.stats).encode(), keep_alive)
@@ -455,6 +470,7 @@ class FakeUpstream:
         self._stats["started"] += 1
         self._stats["active"] += 1
         outcome = "abandoned"
+        script = None
         try:
             if model in _ERRORS:
                 status, type_, code = _ERRORS[model]
@@ -479,6 +495,15 @@ class FakeUpstream:
         finally:
             self._stats["active"] -= 1
             self._stats[outcome] += 1
+            if outcome == "abandoned" and len(self._abandoned) < 100_000:
+                now = time.monotonic()
+                self._abandoned.append(
+                    {
+                        "at": now,
+                        "eof_at": conn.eof_at if conn.eof_at is not None else now,
+                        "sent": script.sent if script is not None else 0,
+                    }
+                )
 
     async def _complete(self, conn: _Conn, script: _Script, model: str, keep_alive: bool) -> bool:
         conn.start_watch()
