@@ -54,6 +54,7 @@ PY = sys.executable
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 HOST = "127.0.0.1"
 TARGETS = ("floor", "baseline", "chatsite-1", "chatsite-2", "browser")
+BUSY_PCT = 25  # other processes' CPU (% of a core) above which a level is measured again
 
 
 def log(msg: str) -> None:
@@ -335,6 +336,13 @@ class Bench:
     async def levels(self, name: str, targets, mode: str, servers: list[Proc]) -> None:
         for c, n in self.a.plan:
             res = await self.level(name, targets, mode, c, n, servers)
+            for _ in range(self.a.retries):
+                if res["other_cpu_pct"] <= BUSY_PCT:
+                    break
+                log(f"  other processes used {res['other_cpu_pct']}% of a core: measuring again")
+                again = await self.level(name, targets, mode, c, n, servers)
+                if again["other_cpu_pct"] < res["other_cpu_pct"]:
+                    res = again
             self.results["levels"].setdefault(str(c), {})[name] = res
 
     # -- disconnects -------------------------------------------------------------------------
@@ -491,6 +499,7 @@ class Bench:
         with open("/proc/loadavg") as f:
             self.results["loadavg"] = " ".join(f.read().split()[:3])
         self.results["date"] = _now()
+        self.results["commit"], self.results["dirty"] = git_state()
         self.results["command"] = (a.command or "").strip() or " ".join(
             [Path(sys.argv[0]).as_posix(), *sys.argv[1:]]
         )
@@ -521,6 +530,23 @@ class Bench:
         if not a.keep:
             shutil.rmtree(self.tmp, ignore_errors=True)
         return 0
+
+
+def git_state() -> tuple[str, str]:
+    """HEAD and the server-side paths with uncommitted changes (the code measured)."""
+    try:
+        head = subprocess.run(
+            ["git", "log", "-1", "--format=%h %s"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "chat", "chatsite", "templates"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        ).stdout.split("\n")
+    except OSError:
+        return "?", ""
+    return head[:80], ", ".join(line[3:] for line in dirty if line.strip())
 
 
 def _now() -> str:
@@ -640,7 +666,8 @@ def verdicts(results: dict, a) -> list[tuple[str, bool | None, str]]:
                 (
                     f"two processes >= 1.8x one ({hi} streams)",
                     t2 >= 1.8 * tps,
-                    f"{t2} vs {tps} tok/s ({t2 / tps:.2f}x)",
+                    f"{t2} vs {tps} tok/s ({t2 / tps:.2f}x; the floor, which shares core 1 "
+                    f"with the second process, did {g(hi, 'floor', 'tokens_per_s')})",
                 )
             )
         rss = g(hi, "chatsite-1", "server_peak_rss_mb") or {}
@@ -759,6 +786,12 @@ def render_report(results: dict, a) -> str:
         "new connection per stream; levels (concurrent streams: requests) "
         + ", ".join(f"{c}: {n}" for c, n in a.plan)
         + f"; {a.warmup} warm-up streams (at most) before each level",
+        f"- code: commit {results.get('commit', '?')}"
+        + (
+            f"; uncommitted changes in {results['dirty']}"
+            if results.get("dirty")
+            else "; no uncommitted changes in chat/, chatsite/, templates/"
+        ),
         "",
         "## Set-up",
         "",
@@ -797,6 +830,19 @@ def render_report(results: dict, a) -> str:
     ]
     for name, ok, fig in verdicts(results, a):
         lines.append(f"| {'PASS' if ok else '**FAIL**'} | {name} | {fig} |")
+    busy = [
+        f"{t} at {c} ({s['other_cpu_pct']:.0f}%)"
+        for c, lv in results["levels"].items()
+        for t, s in lv.items()
+        if s.get("other_cpu_pct", 0) > BUSY_PCT
+    ]
+    if busy:
+        lines += [
+            "",
+            f"Measured while other processes used more than {BUSY_PCT}% of a core (after "
+            f"{a.retries} retry): " + ", ".join(busy) + ". Their latencies and rates are "
+            "pessimistic.",
+        ]
     for c, _n in a.plan:
         lv = results["levels"].get(str(c))
         if not lv:
@@ -953,8 +999,11 @@ def main(argv=None) -> int:
     p.add_argument(
         "--quiet-wait",
         type=float,
-        default=30.0,
+        default=10.0,
         help="before each level, wait up to this many seconds for other load to go",
+    )
+    p.add_argument(
+        "--retries", type=int, default=1, help="re-measure a level that other load disturbed"
     )
     p.add_argument("--skip-disconnect", action="store_true")
     p.add_argument("--skip-writes", action="store_true")
