@@ -223,10 +223,20 @@
     }, 1500);
   });
 
+  // The text each element was last rendered from: what a message's "Copy"
+  // copies and "Edit" starts from, once the page shows only the HTML.
+  const sources = new WeakMap();
+
   /** Replace element's content with the rendered text, plus copy buttons. */
   function renderInto(element, text) {
     element.innerHTML = renderMarkdown(text);
     addCopyButtons(element);
+    sources.set(element, String(text ?? ""));
+  }
+
+  /** The Markdown source `element` was rendered from, or undefined. */
+  function sourceOf(element) {
+    return sources.get(element);
   }
 
   const FENCE_OPEN = /^[ \t]*(`{3,}|~{3,})([^`]*)$/;
@@ -373,6 +383,7 @@
     sanitizeHtml,
     renderInto,
     renderAll,
+    sourceOf,
     StreamView,
   });
 
