@@ -122,6 +122,7 @@ class ConversationAdmin(ReadOnlyAdmin):
         "owner",
         "model",
         "source",
+        "api_key_name",
         "message_count",
         "archived",
         "created",
@@ -135,7 +136,7 @@ class ConversationAdmin(ReadOnlyAdmin):
         "created",
         ("owner", admin.RelatedOnlyFieldListFilter),
     ]
-    search_fields = ["title", "owner__username", "messages__content"]
+    search_fields = ["title", "owner__username", "api_key_name", "messages__content"]
     date_hierarchy = "created"
     list_select_related = ["owner"]
     inlines = [MessageInline]

@@ -14,6 +14,7 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
+from django.core.cache import cache
 from django.db import IntegrityError, OperationalError, connection, transaction
 from django.utils import timezone
 
@@ -118,6 +119,28 @@ def check_reply_quota(owner_id: int) -> None:
             f"You already have {running} replies generating; wait for one to finish.",
             status=429,
         )
+    limit = settings.CHAT_MAX_REPLIES_PER_HOUR
+    if limit and (cache.get(_hourly_key(owner_id)) or 0) >= limit:
+        minutes = 60 - int(time.time() % 3600 // 60)
+        raise InputError(
+            f"You have reached the limit of {limit} replies an hour; "
+            f"try again in {minutes} minute{'s' if minutes != 1 else ''}.",
+            status=429,
+        )
+
+
+def _hourly_key(owner_id: int) -> str:
+    return f"replies-per-hour:{owner_id}:{int(time.time() // 3600)}"
+
+
+def _count_reply(owner_id: int) -> None:
+    """Count a started reply against the user's hourly limit (a fixed window)."""
+    key = _hourly_key(owner_id)
+    cache.add(key, 0, 3700)
+    try:
+        cache.incr(key)
+    except ValueError:  # expired between add and incr
+        cache.set(key, 1, 3700)
 
 
 def message_send(
@@ -165,6 +188,7 @@ def message_send(
         locked.save(update_fields=["current_leaf", "model", "updated"])
     conversation.current_leaf = assistant
     conversation.model = model
+    _count_reply(conversation.owner_id)
     return user_message, assistant
 
 
@@ -206,6 +230,7 @@ def api_conversation_create(
         )
         conversation.current_leaf = assistant
         conversation.save(update_fields=["current_leaf"])
+    _count_reply(key.owner_id)
     return conversation, assistant
 
 
@@ -224,6 +249,7 @@ def reply_regenerate(*, conversation: Conversation, reply: Message, model: str) 
         locked.current_leaf = assistant
         locked.model = model
         locked.save(update_fields=["current_leaf", "model", "updated"])
+    _count_reply(conversation.owner_id)
     return assistant
 
 

@@ -222,6 +222,8 @@ CHAT_DEFAULT_MODEL = os.environ.get("CHAT_DEFAULT_MODEL", "")
 CHAT_MAX_MESSAGE_CHARS = env_int("CHAT_MAX_MESSAGE_CHARS", 100_000)
 CHAT_MAX_TOKENS = env_int("CHAT_MAX_TOKENS", 2048)
 CHAT_MAX_CONCURRENT_REPLIES = env_int("CHAT_MAX_CONCURRENT_REPLIES", 3)
+# Replies a user may start per hour (browser and API together); 0 = no limit.
+CHAT_MAX_REPLIES_PER_HOUR = env_int("CHAT_MAX_REPLIES_PER_HOUR", 300)
 CHAT_CONTEXT_CHARS = env_int("CHAT_CONTEXT_CHARS", 24_000)
 # Reply pipeline timing.
 CHAT_CHECKPOINT_SECONDS = float(os.environ.get("CHAT_CHECKPOINT_SECONDS", "1.0"))

@@ -52,6 +52,7 @@ class LiveServer:
             "CHAT_FAKE_MODEL": "0",
             "CHAT_DEFAULT_MODEL": "fake-echo",
             "CHAT_MAX_CONCURRENT_REPLIES": "20",
+            "CHAT_MAX_REPLIES_PER_HOUR": "0",
             "CHAT_CHECKPOINT_SECONDS": "0.3",
             "SERVE_STATIC": "1",
             "DJANGO_DEBUG": "0",
