@@ -377,10 +377,20 @@ async def conversation_archive(request: HttpRequest, pk: int) -> HttpResponse:
 
 
 @login_required
-@require_POST
+@require_http_methods(["GET", "POST"])
 async def conversation_settings(request: HttpRequest, pk: int) -> HttpResponse:
-    """System prompt, temperature and maximum reply length of one conversation."""
+    """System prompt, temperature and maximum reply length of one conversation.
+
+    GET: the settings panel (for a page whose new chat has just become this one).
+    """
     conversation = await _owned_conversation(request, pk)
+    if request.method == "GET":
+        context = {
+            "conversation": conversation,
+            "max_message_chars": settings.CHAT_MAX_MESSAGE_CHARS,
+            "max_tokens_limit": settings.CHAT_MAX_TOKENS,
+        }
+        return TemplateResponse(request, "chat/_settings.html", context)
     try:
         fields = services.conversation_settings_parse(request.POST)
     except services.InputError as exc:

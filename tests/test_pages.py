@@ -200,6 +200,7 @@ OWNED_ROUTES = [
     ("get", "chat:conversation_delete", False),
     ("post", "chat:conversation_delete", False),
     ("post", "chat:conversation_archive", False),
+    ("get", "chat:conversation_settings", False),
     ("post", "chat:conversation_settings", False),
     ("get", "chat:conversation_title", False),
     ("get", "chat:conversation_export_markdown", False),
@@ -326,6 +327,9 @@ def test_settings_are_saved_and_refused_when_invalid(alice, conversation):
     assert bad.status_code == 400 and b"Temperature" in bad.content
     page = alice.get(reverse("chat:conversation", args=[conversation.pk])).content.decode()
     assert "Be terse.</textarea>" in page and 'value="0.5"' in page
+    panel = alice.get(url).content.decode()
+    assert panel.strip().startswith('<details class="chat-settings">')
+    assert "Be terse.</textarea>" in panel and "export.json" in panel
 
 
 def test_new_chat_takes_settings_with_its_first_message(alice):

@@ -217,6 +217,19 @@
     history.replaceState(null, "", `/c/${data.conversation}/`);
     setTitle(data.title);
     refreshSidebar();
+    refreshSettings();
+  }
+
+  // A new chat's settings went with its first message; from now on the
+  // panel saves to the conversation (and offers its exports).
+  async function refreshSettings() {
+    const response = await fetch(conversationUrl("settings/"));
+    if (!response.ok) return;
+    const template = document.createElement("template");
+    template.innerHTML = await response.text();
+    const panel = template.content.querySelector(".chat-settings");
+    document.querySelector(".chat-settings").replaceWith(panel);
+    window.htmx?.process(panel);
   }
 
   // The automatic title arrives shortly after the first reply.

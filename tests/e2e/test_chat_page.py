@@ -368,3 +368,47 @@ def test_view_follows_the_reply_unless_the_reader_scrolls_up(page_for, user):
     page.get_by_role("button", name="Stop").click()
     expect(reply).to_have_attribute("data-status", "stopped")
     expect(reply.locator(".status")).to_have_text("Stopped")
+
+
+def test_no_csp_violations_or_script_errors_through_the_main_flows(page_for, user):
+    page = page_for(user)
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.add_init_script(
+        "window.__csp = []; document.addEventListener('securitypolicyviolation',"
+        " (e) => window.__csp.push(e.violatedDirective + ' ' + e.blockedURI));"
+    )
+    page.goto("/")
+    box = page.get_by_role("textbox", name="Message")
+    box.fill("| a | b |\n|:-|-:|\n| 1 | 2 |\n\n```python\nprint(1)\n```")
+    box.press("Enter")
+    reply = _last_reply(page)
+    expect(reply).to_have_attribute("data-status", "complete")
+    expect(reply).not_to_have_attribute("aria-live", "polite")
+    reply.get_by_role("button", name="Regenerate").click()
+    expect(_last_reply(page).locator(".version-count")).to_have_text("2 / 2")
+    _last_reply(page).get_by_role("button", name="Previous version").click()
+    expect(_last_reply(page).locator(".version-count")).to_have_text("1 / 2")
+    page.locator("summary", has_text="Settings").click()
+    page.get_by_role("button", name="Save settings").click()
+    expect(page.locator("#settings-status")).to_have_text("Saved.")
+    page.get_by_role("button", name="Dark mode").click()
+    page.reload()
+    expect(_last_reply(page)).to_have_attribute("data-status", "complete")
+    assert page.evaluate("window.__csp") == []
+    assert errors == []
+
+
+def test_live_reply_is_announced_politely(page_for, user):
+    page = page_for(user)
+    page.goto("/")
+    page.get_by_label("Model").select_option("fake-slow")
+    page.get_by_role("textbox", name="Message").fill("one two three four five six")
+    page.get_by_role("textbox", name="Message").press("Enter")
+    reply = _last_reply(page)
+    expect(reply).to_have_attribute("aria-live", "polite")
+    expect(reply.locator(".message-body")).to_contain_text("one")
+    page.reload()  # the resumed reply is a live region too
+    expect(_last_reply(page)).to_have_attribute("aria-live", "polite")
+    expect(_last_reply(page)).to_have_attribute("data-status", "complete")
