@@ -175,6 +175,7 @@ class BenchDB:
             "LOCAL_MODEL_PATH": "off",
             "CHAT_FAKE_MODEL": "0",
             "CHAT_MAX_CONCURRENT_REPLIES": "100000",
+            "CHAT_MAX_REPLIES_PER_HOUR": "0",
             "OPENAI_API_KEY": "x",
             "OPENAI_MODELS": "fake-count,fake-stall",
         }
