@@ -57,14 +57,22 @@ def test_regenerate_keeps_both_versions_and_switches_between_them(page_for, user
     reply.get_by_role("button", name="Previous version").click()
     expect(_last_reply(page).locator(".version-count")).to_have_text("1 / 2")
     expect(_last_reply(page).locator(".message-body")).to_have_text("Echo: hello versions")
-    _last_reply(page).get_by_role("button", name="Next version").click()
+    next_version = _last_reply(page).get_by_role("button", name="Next version")
+    next_version.focus()
+    page.keyboard.press("Enter")
     expect(_last_reply(page).locator(".version-count")).to_have_text("2 / 2")
+    # The keyboard user stays on the arrows after the swap.
+    expect(_last_reply(page).get_by_role("button", name="Next version")).to_be_focused()
+    page.keyboard.press("Shift+Tab")
+    page.keyboard.press("Enter")
+    expect(_last_reply(page).locator(".version-count")).to_have_text("1 / 2")
+    expect(_last_reply(page).get_by_role("button", name="Previous version")).to_be_focused()
 
     replies = Message.objects.filter(role="assistant").order_by("id")
     assert [m.model for m in replies] == ["fake-echo", "fake-length"]
     assert replies[0].parent_id == replies[1].parent_id
     page.reload()
-    expect(_last_reply(page).locator(".version-count")).to_have_text("2 / 2")
+    expect(_last_reply(page).locator(".version-count")).to_have_text("1 / 2")
 
 
 def test_edit_and_resend_branches_and_keeps_the_old_branch(page_for, user):
@@ -412,3 +420,49 @@ def test_live_reply_is_announced_politely(page_for, user):
     page.reload()  # the resumed reply is a live region too
     expect(_last_reply(page)).to_have_attribute("aria-live", "polite")
     expect(_last_reply(page)).to_have_attribute("data-status", "complete")
+
+
+CONTRAST = """(selectors) => {
+  const rgb = (c) => c.match(/[\\d.]+/g).map(Number);
+  const lum = ([r, g, b]) => {
+    const f = (v) => ((v /= 255) <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4);
+    return 0.2126 * f(r) + 0.7152 * f(g) + 0.0722 * f(b);
+  };
+  const background = (el) => {
+    for (; el; el = el.parentElement) {
+      const c = rgb(getComputedStyle(el).backgroundColor);
+      if (c.length < 4 || c[3] > 0) return c.slice(0, 3);
+    }
+    return [255, 255, 255];
+  };
+  const result = {};
+  for (const selector of selectors) {
+    const el = document.querySelector(selector);
+    const a = lum(rgb(getComputedStyle(el).color)), b = lum(background(el));
+    result[selector] = (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05);
+  }
+  return result;
+}"""
+
+
+@pytest.mark.parametrize("scheme", ["light", "dark"])
+def test_text_contrast_meets_wcag_aa(page_for, user, scheme):
+    conversation = _conversation_with(user, [("hi", "hello")], "Contrast")
+    Message.objects.filter(role="assistant").update(status="error", error="Upstream timed out.")
+    page = page_for(user, color_scheme=scheme)
+    page.goto(f"/c/{conversation.pk}/")
+    ratios = page.evaluate(
+        CONTRAST,
+        [
+            ".message-assistant .message-body",
+            ".message-user .message-body",
+            ".message-meta .action",
+            ".error-text",
+            ".group-label",
+            ".sidebar-user .user",
+            "button.send",
+            "button.new-chat",
+            "#conversation-list a",
+        ],
+    )
+    assert all(ratio >= 4.5 for ratio in ratios.values()), ratios
