@@ -182,10 +182,17 @@
       // The connection dropped; the reply itself goes on server-side.
       view.finish();
       setStatus(article, "interrupted", "Connection lost. Reload the page to see the reply.");
-      return;
     }
-    await refreshFooters([user, article]);
-    if (titlePending) followTitle();
+    return { ended, titlePending };
+  }
+
+  // After a reply: the page is free again first, then its controls arrive.
+  function settle(result, articles) {
+    active = null;
+    setBusy(false);
+    if (!result?.ended) return;
+    refreshFooters(articles);
+    if (result.titlePending) followTitle();
   }
 
   function setTitle(title) {
@@ -287,13 +294,13 @@
     const { user, article } = place();
     followBottom = true;
     scrollToBottom();
+    let result;
     try {
-      await follow(response, article, user);
+      result = await follow(response, article, user);
     } catch (err) {
       if (err.name !== "AbortError") setStatus(article, "interrupted", "Connection lost.");
     }
-    active = null;
-    setBusy(false);
+    settle(result, [user, article]);
     return true;
   }
 
@@ -404,16 +411,16 @@
   async function resume(article) {
     active = { id: article.dataset.id, controller: new AbortController() };
     setBusy(true);
+    let result;
     try {
       const response = await fetch(article.dataset.streamUrl, {
         signal: active.controller.signal,
       });
-      if (response.ok) await follow(response, article);
+      if (response.ok) result = await follow(response, article);
     } catch (err) {
       if (err.name !== "AbortError") setStatus(article, "interrupted", "Connection lost.");
     }
-    active = null;
-    setBusy(false);
+    settle(result, [article]);
   }
 
   async function stop() {

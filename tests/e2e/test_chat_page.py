@@ -63,7 +63,9 @@ def test_regenerate_keeps_both_versions_and_switches_between_them(page_for, user
     expect(_last_reply(page).locator(".version-count")).to_have_text("2 / 2")
     # The keyboard user stays on the arrows after the swap.
     expect(_last_reply(page).get_by_role("button", name="Next version")).to_be_focused()
+    expect(page.locator(".htmx-settling, .htmx-request")).to_have_count(0)
     page.keyboard.press("Shift+Tab")
+    expect(_last_reply(page).get_by_role("button", name="Previous version")).to_be_focused()
     page.keyboard.press("Enter")
     expect(_last_reply(page).locator(".version-count")).to_have_text("1 / 2")
     expect(_last_reply(page).get_by_role("button", name="Previous version")).to_be_focused()
