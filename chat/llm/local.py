@@ -46,6 +46,7 @@ class LocalProvider:
         self.context_tokens = context_tokens
         self.threads = threads or max(1, os.cpu_count() or 1)
         self._llama = None
+        self.tokens_generated = 0  # over the provider's life: shows stop really stops
         # One thread: generations of this model run one at a time, in order.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="local-llm")
 
@@ -93,6 +94,7 @@ class LocalProvider:
                     text = choice["delta"].get("content") or ""
                     if text:
                         completion_tokens += 1
+                        self.tokens_generated += 1
                         emit(Delta(text=text))
                     finish_reason = choice.get("finish_reason") or finish_reason
             finally:
