@@ -20,6 +20,15 @@ CHROMIUM_ARGS = [
 ]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _patient_expectations():
+    # CI shares two cores between the browser, daphne, the fake upstream and
+    # pytest: give assertions the same patience as actions.
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=15_000)
+
+
 @pytest.fixture(scope="session")
 def browser():
     from playwright.sync_api import sync_playwright
@@ -54,7 +63,7 @@ def page_for(browser, daphne_server, transactional_db):
         context.add_cookies([login_cookie(user, daphne_server)])
         contexts.append(context)
         page = context.new_page()
-        page.set_default_timeout(10_000)
+        page.set_default_timeout(15_000)
         return page
 
     yield make
