@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -58,7 +59,10 @@ class LiveServer:
             "DJANGO_DEBUG": "0",
             **(extra_env or {}),
         }
-        self.log = open(ROOT / "var" / f"live-{self.port}.log", "w")  # noqa: SIM115
+        # The server's output, kept only if it fails to start (see _wait_ready).
+        self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115
+            "w", prefix=f"chatsite-live-{self.port}-", suffix=".log", delete=False
+        )
         self.process = subprocess.Popen(
             [
                 sys.executable,
@@ -95,3 +99,4 @@ class LiveServer:
         except subprocess.TimeoutExpired:
             self.process.kill()
         self.log.close()
+        os.unlink(self.log.name)
