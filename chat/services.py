@@ -176,20 +176,29 @@ def message_send(
             role=Message.Role.USER,
             content=content,
         )
-        assistant = Message.objects.create(
-            conversation=locked,
-            parent=user_message,
-            role=Message.Role.ASSISTANT,
-            status=Message.Status.STREAMING,
-            model=model,
-        )
-        locked.current_leaf = assistant
-        locked.model = model
-        locked.save(update_fields=["current_leaf", "model", "updated"])
+        assistant = _reply_row_create(conversation=locked, parent=user_message, model=model)
     conversation.current_leaf = assistant
     conversation.model = model
-    _count_reply(conversation.owner_id)
     return user_message, assistant
+
+
+def _reply_row_create(*, conversation: Conversation, parent: Message | None, model: str) -> Message:
+    """The empty `streaming` assistant row a new reply fills, made the current leaf.
+
+    Called inside the caller's transaction, which holds the conversation row.
+    """
+    assistant = Message.objects.create(
+        conversation=conversation,
+        parent=parent,
+        role=Message.Role.ASSISTANT,
+        status=Message.Status.STREAMING,
+        model=model,
+    )
+    conversation.current_leaf = assistant
+    conversation.model = model
+    conversation.save(update_fields=["current_leaf", "model", "updated"])
+    _count_reply(conversation.owner_id)
+    return assistant
 
 
 def api_conversation_create(
@@ -221,16 +230,7 @@ def api_conversation_create(
             parent = Message.objects.create(
                 conversation=conversation, parent=parent, role=role, content=content
             )
-        assistant = Message.objects.create(
-            conversation=conversation,
-            parent=parent,
-            role=Message.Role.ASSISTANT,
-            status=Message.Status.STREAMING,
-            model=model,
-        )
-        conversation.current_leaf = assistant
-        conversation.save(update_fields=["current_leaf"])
-    _count_reply(key.owner_id)
+        assistant = _reply_row_create(conversation=conversation, parent=parent, model=model)
     return conversation, assistant
 
 
@@ -239,18 +239,7 @@ def reply_regenerate(*, conversation: Conversation, reply: Message, model: str) 
     check_reply_quota(conversation.owner_id)
     with transaction.atomic():
         locked = Conversation.objects.select_for_update().get(pk=conversation.pk)
-        assistant = Message.objects.create(
-            conversation=locked,
-            parent=reply.parent,
-            role=Message.Role.ASSISTANT,
-            status=Message.Status.STREAMING,
-            model=model,
-        )
-        locked.current_leaf = assistant
-        locked.model = model
-        locked.save(update_fields=["current_leaf", "model", "updated"])
-    _count_reply(conversation.owner_id)
-    return assistant
+        return _reply_row_create(conversation=locked, parent=reply.parent, model=model)
 
 
 def conversation_path(conversation: Conversation, leaf: Message | None = None) -> list[Message]:
