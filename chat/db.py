@@ -1,40 +1,30 @@
-"""Database work from async code, on a few long-lived threads per process.
+"""Database work from async code, on one long-lived thread per process.
 
-Django's async ORM runs each request's queries on a thread of that request,
-with a connection of its own. Under a burst that means hundreds of SQLite
-connections contending for the write lock (and SQLite's busy handler sleeps),
-or hundreds of PostgreSQL connections. Here every query of the hot paths goes
-through one executor: a single thread for SQLite, so writers never contend
-inside a process, and a small pool for PostgreSQL. Connections persist
-(CONN_MAX_AGE) and are recycled when obsolete or broken.
+Django's own ASGI handler gives every request a thread of its own, and with it
+a database connection: under a burst that meant hundreds of SQLite connections
+contending for the write lock (SQLite's busy handler sleeps), or hundreds of
+PostgreSQL connections. chatsite.asgi.ChatASGIHandler drops that per-request
+context, so asgiref's thread-sensitive calls, Django's async ORM and run_db
+all share one thread and one connection per process: SQLite writers never
+contend inside a process, and the connection persists (CONN_MAX_AGE).
 """
 
 from __future__ import annotations
 
-import asyncio
-import functools
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from django.db import close_old_connections, connection
-
-_executor: ThreadPoolExecutor | None = None
-
-
-def _get_executor() -> ThreadPoolExecutor:
-    global _executor
-    if _executor is None:
-        threads = 1 if connection.vendor == "sqlite" else 4
-        _executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="db")
-    return _executor
+from asgiref.sync import sync_to_async
+from django.db import connection
 
 
 def _call(func, args, kwargs):
-    close_old_connections()  # drops a connection that is obsolete or broken
+    # Replies write between requests too: drop a connection that is obsolete or
+    # broken (never one inside a transaction, as in a test).
+    if not connection.in_atomic_block:
+        connection.close_if_unusable_or_obsolete()
     return func(*args, **kwargs)
 
 
 async def run_db(func, /, *args, **kwargs) -> Any:
-    """Run the sync function `func` (ORM work) on the database threads."""
-    loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(_get_executor(), functools.partial(_call, func, args, kwargs))
+    """Run the sync function `func` (ORM work) on the process's database thread."""
+    return await sync_to_async(_call, thread_sensitive=True)(func, args, kwargs)

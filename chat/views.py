@@ -8,7 +8,6 @@ import json
 import logging
 import re
 
-from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.contrib.auth.decorators import login_required
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
@@ -19,6 +18,7 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 from django_htmx.http import HttpResponseClientRedirect
 
 from . import llm, replies, services
+from .db import run_db
 from .models import ApiKey, Conversation, Message
 from .streaming import reply_sse, sse_response
 
@@ -65,7 +65,7 @@ async def _sidebar_context(request: HttpRequest, conversation: Conversation | No
     sidebar = Conversation.objects.for_sidebar(user, query, archived=archived)[:200]
     current_id = conversation.pk if conversation else _current_conversation_id(request)
     return {
-        "groups": await sync_to_async(sidebar.by_day)(),
+        "groups": await run_db(sidebar.by_day),
         "current_id": current_id,
         "query": query,
         "archived_view": archived,
@@ -76,7 +76,7 @@ async def _page_context(request: HttpRequest, conversation: Conversation | None)
     user = await request.auser()
     thread = None
     if conversation is not None:
-        thread = await sync_to_async(services.conversation_thread)(conversation)
+        thread = await run_db(services.conversation_thread, conversation)
     models = await llm.available_models()
     selected = conversation.model if conversation else await llm.default_model()
     return {
@@ -87,7 +87,7 @@ async def _page_context(request: HttpRequest, conversation: Conversation | None)
         "selected_model": selected,
         "max_message_chars": settings.CHAT_MAX_MESSAGE_CHARS,
         "max_tokens_limit": settings.CHAT_MAX_TOKENS,
-        "theme": await sync_to_async(services.preference_theme)(user),
+        "theme": await run_db(services.preference_theme, user),
     }
 
 
@@ -129,15 +129,18 @@ async def message_send(request: HttpRequest, pk: int | None = None) -> HttpRespo
         if conversation is None:
             # A new chat takes the settings panel's values with its first message.
             chat_settings = services.conversation_settings_parse(request.POST)
-            await sync_to_async(services.check_reply_quota)(user.pk)
-            conversation = await sync_to_async(services.conversation_create)(
-                owner=user, model=model.id, title=services.title_fallback(content)
+            await run_db(services.check_reply_quota, user.pk)
+            conversation = await run_db(
+                services.conversation_create,
+                owner=user,
+                model=model.id,
+                title=services.title_fallback(content),
             )
-            await sync_to_async(services.conversation_settings_update)(
-                conversation=conversation, **chat_settings
+            await run_db(
+                services.conversation_settings_update, conversation=conversation, **chat_settings
             )
-        user_message, assistant = await sync_to_async(services.message_send)(
-            conversation=conversation, content=content, model=model.id
+        user_message, assistant = await run_db(
+            services.message_send, conversation=conversation, content=content, model=model.id
         )
     except services.InputError as exc:
         return _error(str(exc), exc.status)
@@ -158,7 +161,8 @@ async def message_edit(request: HttpRequest, pk: int, message_id: int) -> HttpRe
     if model is None:
         return _error("That model is not available any more.", 400)
     try:
-        user_message, assistant = await sync_to_async(services.message_send)(
+        user_message, assistant = await run_db(
+            services.message_send,
             conversation=conversation,
             content=request.POST.get("content", ""),
             model=model.id,
@@ -188,8 +192,10 @@ async def _title_after_reply(
         )
     except Exception as exc:  # any failure: the first words of the message stay
         log.info("no title for conversation %s: %r", conversation_id, exc)
-    await sync_to_async(services.conversation_title_auto)(
-        conversation_id=conversation_id, title=title or services.title_fallback(first_message)
+    await run_db(
+        services.conversation_title_auto,
+        conversation_id=conversation_id,
+        title=title or services.title_fallback(first_message),
     )
 
 
@@ -200,9 +206,7 @@ async def _start_reply(
     start: dict,
     user_message: Message | None = None,
 ) -> HttpResponse:
-    context = await sync_to_async(services.reply_context)(
-        conversation, assistant, model.context_chars
-    )
+    context = await run_db(services.reply_context, conversation, assistant, model.context_chars)
     max_tokens = min(conversation.max_tokens or settings.CHAT_MAX_TOKENS, settings.CHAT_MAX_TOKENS)
     params = llm.GenerationParams(
         model=model.id, max_tokens=max_tokens, temperature=conversation.temperature
@@ -246,8 +250,8 @@ async def reply_regenerate(request: HttpRequest, pk: int, message_id: int) -> Ht
     if model is None:
         return _error("That model is not available any more.", 400)
     try:
-        assistant = await sync_to_async(services.reply_regenerate)(
-            conversation=conversation, reply=message, model=model.id
+        assistant = await run_db(
+            services.reply_regenerate, conversation=conversation, reply=message, model=model.id
         )
     except services.InputError as exc:
         return _error(str(exc), exc.status)
@@ -293,9 +297,7 @@ async def message_list(request: HttpRequest, pk: int) -> HttpResponse:
         limit = min(max(int(request.GET.get("limit", services.THREAD_PAGE_SIZE)), 1), 200)
     except ValueError:
         return _error("before and limit must be numbers.", 400)
-    thread = await sync_to_async(services.conversation_thread)(
-        conversation, before=before, limit=limit
-    )
+    thread = await run_db(services.conversation_thread, conversation, before=before, limit=limit)
     context = {"conversation": conversation, "thread": thread}
     return TemplateResponse(request, "chat/_messages.html", context)
 
@@ -306,8 +308,8 @@ async def message_select(request: HttpRequest, pk: int, message_id: int) -> Http
     """Show another version of a message: its newest branch becomes the visible path."""
     message = await _owned_message(request, pk, message_id)
     conversation = message.conversation
-    await sync_to_async(services.message_version_select)(conversation=conversation, message=message)
-    thread = await sync_to_async(services.conversation_thread)(conversation)
+    await run_db(services.message_version_select, conversation=conversation, message=message)
+    thread = await run_db(services.conversation_thread, conversation)
     context = {"conversation": conversation, "thread": thread}
     return TemplateResponse(request, "chat/_messages.html", context)
 
@@ -337,8 +339,10 @@ async def conversation_rename(request: HttpRequest, pk: int) -> HttpResponse:
     if request.method == "GET":
         return await _item_response(request, conversation, "chat/_conversation_rename.html")
     try:
-        await sync_to_async(services.conversation_rename)(
-            conversation=conversation, title=request.POST.get("title", "")
+        await run_db(
+            services.conversation_rename,
+            conversation=conversation,
+            title=request.POST.get("title", ""),
         )
     except services.InputError as exc:
         return _error(str(exc), exc.status)
@@ -354,7 +358,7 @@ async def conversation_delete(request: HttpRequest, pk: int) -> HttpResponse:
     conversation = await _owned_conversation(request, pk)
     if request.method == "GET":
         return await _item_response(request, conversation, "chat/_conversation_delete.html")
-    running = await sync_to_async(services.conversation_delete)(conversation=conversation)
+    running = await run_db(services.conversation_delete, conversation=conversation)
     for message_id in running:
         await replies.reply_stop_anywhere(message_id)
     if not request.htmx:
@@ -370,7 +374,7 @@ async def conversation_archive(request: HttpRequest, pk: int) -> HttpResponse:
     """Archive (or, with archived=0, unarchive): the entry leaves the list it was in."""
     conversation = await _owned_conversation(request, pk)
     archived = request.POST.get("archived", "1") != "0"
-    await sync_to_async(services.conversation_archive)(conversation=conversation, archived=archived)
+    await run_db(services.conversation_archive, conversation=conversation, archived=archived)
     if not request.htmx:
         return redirect("chat:conversation", pk)
     return HttpResponse("")
@@ -395,7 +399,7 @@ async def conversation_settings(request: HttpRequest, pk: int) -> HttpResponse:
         fields = services.conversation_settings_parse(request.POST)
     except services.InputError as exc:
         return HttpResponse(str(exc), status=exc.status, content_type="text/plain")
-    await sync_to_async(services.conversation_settings_update)(conversation=conversation, **fields)
+    await run_db(services.conversation_settings_update, conversation=conversation, **fields)
     return HttpResponse("Saved.", content_type="text/plain")
 
 
@@ -416,7 +420,7 @@ def _download(body: str, content_type: str, filename: str) -> HttpResponse:
 @require_GET
 async def conversation_export_markdown(request: HttpRequest, pk: int) -> HttpResponse:
     conversation = await _owned_conversation(request, pk)
-    body = await sync_to_async(services.conversation_export_markdown)(conversation)
+    body = await run_db(services.conversation_export_markdown, conversation)
     return _download(body, "text/markdown", f"conversation-{pk}.md")
 
 
@@ -424,7 +428,7 @@ async def conversation_export_markdown(request: HttpRequest, pk: int) -> HttpRes
 @require_GET
 async def conversation_export_json(request: HttpRequest, pk: int) -> HttpResponse:
     conversation = await _owned_conversation(request, pk)
-    data = await sync_to_async(services.conversation_export_data)(conversation)
+    data = await run_db(services.conversation_export_data, conversation)
     body = json.dumps(data, ensure_ascii=False, indent=2)
     return _download(body, "application/json", f"conversation-{pk}.json")
 
@@ -434,8 +438,10 @@ async def conversation_export_json(request: HttpRequest, pk: int) -> HttpRespons
 async def preference_theme(request: HttpRequest) -> HttpResponse:
     """Remember the user's theme: light, dark or system."""
     try:
-        theme = await sync_to_async(services.preference_theme_set)(
-            user=await request.auser(), theme=request.POST.get("theme", "")
+        theme = await run_db(
+            services.preference_theme_set,
+            user=await request.auser(),
+            theme=request.POST.get("theme", ""),
         )
     except services.InputError as exc:
         return _error(str(exc), exc.status)
