@@ -1,6 +1,6 @@
 from django.urls import path
 
-from . import api, views
+from . import views
 
 app_name = "chat"
 
@@ -34,6 +34,4 @@ urlpatterns = [
     path("preferences/theme/", views.preference_theme, name="preference_theme"),
     path("keys/", views.api_keys, name="api_keys"),
     path("keys/<int:key_id>/revoke/", views.api_key_revoke, name="api_key_revoke"),
-    path("v1/models", api.models_list, name="api_models"),
-    path("v1/chat/completions", api.chat_completions, name="api_chat_completions"),
 ]

@@ -1,9 +1,12 @@
 from django.contrib import admin
 from django.urls import include, path
 
-from chat import accounts
+from chat import accounts, api
 
 urlpatterns = [
+    # The API first: the hottest routes resolve without trying every other one.
+    path("v1/chat/completions", api.chat_completions, name="api_chat_completions"),
+    path("v1/models", api.models_list, name="api_models"),
     path("admin/", admin.site.urls),
     path("accounts/login/", accounts.ThrottledLoginView.as_view(), name="login"),
     path("accounts/signup/", accounts.signup, name="signup"),
