@@ -55,7 +55,7 @@ class Reply:
         self.stop_requested = False
         self._subscribers: set[asyncio.Queue] = set()
         self._task: asyncio.Task | None = None
-        self._saved_chars = 0
+        self._streaming = True
         self._checkpoint: asyncio.Task | None = None
 
     @property
@@ -77,7 +77,8 @@ class Reply:
 
     def abandon(self) -> None:
         """Nobody will read this reply (an API client left): it ends `interrupted`."""
-        if self._task and not self._task.done():
+        # Only while streaming: once the stream is over, the final save must run.
+        if self._streaming and self._task and not self._task.done():
             self._task.cancel()
 
     async def wait(self) -> ReplyEnd:
@@ -97,10 +98,6 @@ class Reply:
 
     def unsubscribe(self, queue: asyncio.Queue) -> None:
         self._subscribers.discard(queue)
-
-    @property
-    def subscriber_count(self) -> int:
-        return len(self._subscribers)
 
     def _publish(self, item) -> None:
         for queue in self._subscribers:
@@ -154,6 +151,7 @@ class Reply:
             log.exception("reply %s failed", self.message_id)
             end = ReplyEnd(status=Message.Status.ERROR, error="Internal error while generating.")
         finally:
+            self._streaming = False
             # Closing the provider's generator closes the upstream stream now,
             # so a stopped reply stops spending tokens.
             with contextlib.suppress(Exception):
