@@ -128,6 +128,8 @@ def parse_completion_request(body: bytes) -> dict:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError):
         raise ApiError("The request body is not valid JSON.") from None
+    except RecursionError:  # [[[[… nested deeper than the parser goes
+        raise ApiError("The request body is nested too deeply.") from None
     if not isinstance(data, dict):
         raise ApiError("The request body must be a JSON object.")
     model = data.get("model")

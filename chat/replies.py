@@ -55,7 +55,9 @@ class Reply:
         self.stop_requested = False
         self._subscribers: set[asyncio.Queue] = set()
         self._task: asyncio.Task | None = None
+        self._started = False
         self._streaming = True
+        self._cancel_requested = False
         self._checkpoint: asyncio.Task | None = None
 
     @property
@@ -77,8 +79,10 @@ class Reply:
 
     def abandon(self) -> None:
         """Nobody will read this reply (an API client left): it ends `interrupted`."""
-        # Only while streaming: once the stream is over, the final save must run.
-        if self._streaming and self._task and not self._task.done():
+        self._cancel_requested = True
+        # A task that has not run yet sees the flag when it starts; once the
+        # stream is over, the final save must run uncancelled.
+        if self._started and self._streaming and self._task and not self._task.done():
             self._task.cancel()
 
     async def wait(self) -> ReplyEnd:
@@ -104,14 +108,26 @@ class Reply:
             queue.put_nowait(item)
 
     async def _run(self) -> None:
-        plane = control_plane()
-        if plane is not None:
-            plane.join(self.message_id)
+        self._started = True
+        plane = None
+        try:
+            plane = control_plane()
+            if plane is not None:
+                plane.join(self.message_id)
+        except Exception:  # cross-worker stop is a convenience; the reply is not
+            log.exception("reply %s: channel layer unavailable", self.message_id)
         try:
             await self._generate()
         finally:
             if plane is not None:
                 plane.leave(self.message_id)
+            if _running.get(self.message_id) is self:  # cancelled before it could start
+                _running.pop(self.message_id, None)
+                self.end = self.end or ReplyEnd(
+                    status=Message.Status.INTERRUPTED, error="The reply was abandoned."
+                )
+                self._publish(self.end)
+                self._subscribers.clear()
 
     async def _generate(self) -> None:
         started = time.monotonic()
@@ -121,6 +137,8 @@ class Reply:
         last_save = started
         stream = self.provider.stream(self.messages, self.params)
         try:
+            if self._cancel_requested:  # stopped before the task first ran
+                raise asyncio.CancelledError
             async for delta in stream:
                 if delta.text:
                     if ttft_ms is None:
@@ -361,15 +379,17 @@ async def _follow_row(message_id: int) -> AsyncIterator[str | ReplyEnd | object]
     """Follow a reply through its stored checkpoints: slower, but works across processes."""
     sent = 0
     idle = 0.0
+    first = True  # the text so far is always sent first, even if empty
     while True:
         row = await run_db(Message.objects.filter(pk=message_id).first)
         if row is None:
             yield ReplyEnd(status=Message.Status.ERROR, error="The reply was deleted.")
             return
-        if sent == 0 or len(row.content) > sent:
+        if first or len(row.content) > sent:
             yield row.content[sent:]
             sent = len(row.content)
             idle = 0.0
+            first = False
         elif idle >= settings.CHAT_HEARTBEAT_SECONDS:
             yield HEARTBEAT
             idle = 0.0

@@ -611,15 +611,15 @@ def preference_theme(user) -> str:
 _FENCE_OPEN = re.compile(r"^(`{3,}|~{3,})(.*)$")
 _FENCE_CLOSE = re.compile(r"^ {0,3}(`{3,}|~{3,})[ \t]*$")
 # A code span: equal backtick runs, the opener not backslash-escaped.
-_CODE_SPAN = re.compile(r"(?<![`\\])(`+)(?!`)(.+?)(?<!`)\1(?!`)")
 
 
 def markdown_escape_html(text: str) -> str:
     """Make `text` safe to hand to any Markdown renderer: no raw HTML survives.
 
-    `<` becomes `&lt;` everywhere except inside fenced code blocks and code
-    spans, where renderers show it literally anyway. When unsure whether a
-    line is code, it is escaped: showing `&lt;` in code is the safe mistake.
+    `<` becomes `&lt;` everywhere except inside fenced code blocks, where
+    renderers show it literally anyway. Code spans are escaped too: whether a
+    backtick opens one depends on the renderer (spans cross lines, table cells
+    split first), and showing `&lt;` in code is the safe mistake.
     """
     lines = []
     fence = None
@@ -637,15 +637,7 @@ def markdown_escape_html(text: str) -> str:
             fence = opening.group(1)
             lines.append(line)
             continue
-        pieces = _CODE_SPAN.split(line)
-        # split() with two groups yields [text, ticks, code, text, ticks, code, ...]
-        out = []
-        for index, piece in enumerate(pieces):
-            if index % 3 == 0:
-                out.append(piece.replace("<", "&lt;"))
-            elif index % 3 == 1:
-                out.append(piece + pieces[index + 1] + piece)
-        lines.append("".join(out))
+        lines.append(line.replace("<", "&lt;"))
     return "\n".join(lines)
 
 

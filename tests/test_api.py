@@ -198,6 +198,7 @@ def test_unknown_model_is_404_in_openai_shape(client, upstream):
     ("body", "param"),
     [
         (b"{not json", None),
+        (b"[" * 100_000, None),
         (b"[1, 2]", None),
         (json.dumps({"model": "fake-echo"}), "messages"),
         (json.dumps({"model": "fake-echo", "messages": []}), "messages"),

@@ -149,6 +149,16 @@ async def test_stream_cut_raises_after_first_tokens(provider, upstream):
     assert_safe(str(info.value), upstream)
 
 
+async def test_stream_ending_without_finish_or_done_is_an_error(provider, upstream):
+    seen = []
+    with pytest.raises(ProviderError, match="connection to the model server was lost"):
+        async for delta in provider.stream(
+            [ChatMessage("user", "x")], GenerationParams("fake-truncated", 100)
+        ):
+            seen.append(delta.text)
+    assert seen == ["tok0 ", "tok1 ", "tok2 "]  # kept by the reply as partial text
+
+
 async def test_stream_stall_times_out_after_two_tokens(upstream):
     p = OpenAICompatProvider(
         name="fake", base_url=upstream.base_url, api_key=API_KEY, read_timeout=1

@@ -317,14 +317,23 @@ def test_theme_preference(user):
     ("text", "expected"),
     [
         ("<img src=x onerror=alert(1)>", "&lt;img src=x onerror=alert(1)>"),
-        ("use `<b>` here <b>", "use `<b>` here &lt;b>"),
+        ("use `<b>` here <b>", "use `&lt;b>` here &lt;b>"),
+        # Code spans that cross lines or table cells: no renderer may see HTML.
+        (
+            "a `b\nc` <img src=x onerror=alert(1)> `d`",
+            "a `b\nc` &lt;img src=x onerror=alert(1)> `d`",
+        ),
+        (
+            "| `x | <img src=x onerror=alert(1)> | y` |",
+            "| `x | &lt;img src=x onerror=alert(1)> | y` |",
+        ),
         ("```html\n<b>x</b>\n```\n<i>", "```html\n<b>x</b>\n```\n&lt;i>"),
         # Not a fence (backtick in the info string) and an indented one: escaped.
         ("``` a`b\n<b>", "``` a`b\n&lt;b>"),
         ("- item\n  ```\n- <img src=x>", "- item\n  ```\n- &lt;img src=x>"),
         # An escaped backtick opens no code span.
         ("\\`<img src=x onerror=alert(1)>`", "\\`&lt;img src=x onerror=alert(1)>`"),
-        ("``a`<b>``", "``a`<b>``"),
+        ("``a`<b>``", "``a`&lt;b>``"),
     ],
 )
 def test_markdown_escape_html(text, expected):

@@ -52,6 +52,8 @@ Models:
 * ``fake-stall``: 2 tokens, then silence for ``stall_seconds``, then one more
   token and a normal end. A client disconnect during the stall is seen at once.
 * ``fake-length``: 5 tokens, finish_reason "length".
+* ``fake-truncated``: 3 tokens, then the body ends cleanly with neither a
+  ``finish_reason`` nor ``[DONE]`` (a proxy that cut the reply short).
 * ``fake-odd``: an empty-choices chunk, unknown extra fields, a token with a NUL
   character ("a\\u0000b "), finish_reason "stop", then the stream ends cleanly
   without ``data: [DONE]``.
@@ -82,6 +84,7 @@ MODELS = (
     "fake-stall",
     "fake-length",
     "fake-odd",
+    "fake-truncated",
     "fake-xss",
     "fake-slow",
 )
@@ -582,12 +585,13 @@ class FakeUpstream:
                 await writer.drain()
                 if conn.gone:
                     raise _Disconnected
-            writer.write(
-                event(
-                    f'[{{"index":0,"delta":{{}},"logprobs":null,'
-                    f'"finish_reason":"{script.finish_reason}"}}]'
+            if script.finish_reason is not None:
+                writer.write(
+                    event(
+                        f'[{{"index":0,"delta":{{}},"logprobs":null,'
+                        f'"finish_reason":"{script.finish_reason}"}}]'
+                    )
                 )
-            )
             if include_usage:
                 writer.write(event("[]", f',"usage":{_dumps(script.usage())}'))
             if not script.no_done:
@@ -613,7 +617,7 @@ class _Script:
         self.messages = messages
         self.max_tokens = max_tokens
         self.finish_reason = "stop"
-        self.no_done = model == "fake-odd"
+        self.no_done = model in ("fake-odd", "fake-truncated")
         self.sent = 0
         self.prompt_tokens = sum(
             len(_text_of(m.get("content")).split()) for m in messages if isinstance(m, dict)
@@ -656,6 +660,9 @@ class _Script:
             tokens = ["tok0 ", "tok1 ", None, "tok2"]
         elif model == "fake-odd":
             tokens = [_EMPTY_CHOICES, "odd ", _EXTRA_FIELDS, "a\u0000b ", "end"]
+        elif model == "fake-truncated":
+            tokens = [f"tok{i} " for i in range(3)]
+            self.finish_reason = None
         elif model == "fake-xss":
             tokens = [XSS_TEXT[i : i + 3] for i in range(0, len(XSS_TEXT), 3)]
         else:  # pragma: no cover - guarded by MODELS

@@ -303,6 +303,10 @@ class OpenAICompatProvider:
                         if isinstance(exc, httpx2.ReadTimeout):
                             raise ProviderError(_timeout_message(self.read_timeout)) from None
                         raise ProviderError(LOST) from None
+                if not done and finish is None:
+                    # The body ended cleanly, the reply did not: something cut it short.
+                    log.warning("Provider %r: stream ended without a finish", self.name)
+                    raise ProviderError(LOST)
         except ProviderError:
             raise
         except openai.APIStatusError as exc:
