@@ -4,9 +4,11 @@ Django's own ASGI handler gives every request a thread of its own, and with it
 a database connection: under a burst that meant hundreds of SQLite connections
 contending for the write lock (SQLite's busy handler sleeps), or hundreds of
 PostgreSQL connections. chatsite.asgi.ChatASGIHandler drops that per-request
-context, so asgiref's thread-sensitive calls, Django's async ORM and run_db
-all share one thread and one connection per process: SQLite writers never
-contend inside a process, and the connection persists (CONN_MAX_AGE).
+context on the chat and API paths, so asgiref's thread-sensitive calls,
+Django's async ORM and run_db share one thread and one connection per
+process: SQLite writers never contend inside a process, and the connection
+persists (CONN_MAX_AGE). Slow sync views (admin, accounts) keep threads of
+their own.
 """
 
 from __future__ import annotations

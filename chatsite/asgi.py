@@ -6,8 +6,13 @@ import os
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "chatsite.settings")
 
 import django  # noqa: E402
+from asgiref.sync import ThreadSensitiveContext  # noqa: E402
 from django.conf import settings  # noqa: E402
 from django.core.handlers.asgi import ASGIHandler  # noqa: E402
+
+# Sync views doing slow work (password hashing, admin exports) keep a thread
+# of their own per request, away from the shared database thread.
+SYNC_VIEW_PREFIXES = ("/admin/", "/accounts/", "/keys/")
 
 
 class ChatASGIHandler(ASGIHandler):
@@ -15,14 +20,19 @@ class ChatASGIHandler(ASGIHandler):
 
     Django runs each request in its own ThreadSensitiveContext, so the first
     sync call of every request (its request_started signal, at least) starts a
-    new thread. Our request paths do their database work on chat.db's threads,
-    so the few sync calls left share asgiref's one long-lived sync thread.
+    new thread. The chat and API paths are async and do their database work
+    through chat.db.run_db, so their few sync calls share asgiref's one
+    long-lived sync thread instead; only SYNC_VIEW_PREFIXES keep Django's way.
     """
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             raise ValueError(f"Django can only handle ASGI/HTTP connections, not {scope['type']}.")
-        await self.handle(scope, receive, send)
+        if scope["path"].startswith(SYNC_VIEW_PREFIXES):
+            async with ThreadSensitiveContext():
+                await self.handle(scope, receive, send)
+        else:
+            await self.handle(scope, receive, send)
 
 
 django.setup(set_prefix=False)
