@@ -21,24 +21,39 @@ from .models import SiteOwner
 
 
 class LoginThrottle:
-    """Counts failed logins per username and per client address in the cache."""
+    """Counts failed logins in the cache.
+
+    Two counters: one per (username, client address) pair, with the limit,
+    so nobody else's failures lock a user out; and one per username with ten
+    times the limit, so guessing one account's password from many addresses
+    is throttled too. Behind a proxy, CHAT_CLIENT_IP_HEADER names the header
+    holding the client's address (e.g. HTTP_X_REAL_IP).
+    """
 
     def __init__(self, request: HttpRequest | None, username: str):
-        address = request.META.get("REMOTE_ADDR", "") if request else ""
-        digest = hashlib.sha256(username.strip().lower().encode()).hexdigest()[:32]
-        self.keys = [f"login-fail:user:{digest}", f"login-fail:addr:{address}"]
+        meta = request.META if request else {}
+        address = meta.get(settings.CHAT_CLIENT_IP_HEADER) or meta.get("REMOTE_ADDR", "")
+        user = hashlib.sha256(username.strip().lower().encode()).hexdigest()[:32]
+        pair = hashlib.sha256(f"{user}|{address}".encode()).hexdigest()[:32]
+        self.limits = {
+            f"login-fail:pair:{pair}": settings.LOGIN_FAILURE_LIMIT,
+            f"login-fail:user:{user}": settings.LOGIN_FAILURE_LIMIT * 10,
+        }
 
     def blocked(self) -> bool:
-        counts = cache.get_many(self.keys)
-        return any(count >= settings.LOGIN_FAILURE_LIMIT for count in counts.values())
+        counts = cache.get_many(list(self.limits))
+        return any(count >= self.limits[key] for key, count in counts.items())
 
     def record_failure(self) -> None:
-        for key in self.keys:
+        for key in self.limits:
             cache.add(key, 0, settings.LOGIN_FAILURE_WINDOW)
             try:
                 cache.incr(key)
             except ValueError:  # expired between add and incr
                 cache.set(key, 1, settings.LOGIN_FAILURE_WINDOW)
+
+    def record_success(self) -> None:
+        cache.delete_many(list(self.limits)[:1])  # this pair starts afresh
 
 
 class ThrottledLoginMixin:
@@ -51,10 +66,12 @@ class ThrottledLoginMixin:
         if throttle.blocked():
             raise forms.ValidationError(self.throttled_message, code="throttled")
         try:
-            return super().clean()
+            cleaned = super().clean()
         except forms.ValidationError:
             throttle.record_failure()
             raise
+        throttle.record_success()
+        return cleaned
 
 
 class ThrottledAuthenticationForm(ThrottledLoginMixin, AuthenticationForm):

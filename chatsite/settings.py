@@ -204,6 +204,9 @@ SIGNUP_MODE = os.environ.get("CHAT_SIGNUP", "closed")
 # Login throttling: this many failures per username or address per window.
 LOGIN_FAILURE_LIMIT = env_int("CHAT_LOGIN_FAILURE_LIMIT", 5)
 LOGIN_FAILURE_WINDOW = env_int("CHAT_LOGIN_FAILURE_WINDOW", 900)
+# Behind a proxy: the request.META key holding the client's address
+# (e.g. HTTP_X_REAL_IP, set by nginx); empty means REMOTE_ADDR.
+CHAT_CLIENT_IP_HEADER = os.environ.get("CHAT_CLIENT_IP_HEADER", "")
 
 # LLM providers.
 OPENAI_API_KEY = os.environ.get("OPENAI_API_KEY", "")

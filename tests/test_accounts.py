@@ -129,3 +129,37 @@ def test_logout_is_post_only(client, user):
     assert client.get("/accounts/logout/").status_code == 405
     assert client.post("/accounts/logout/").status_code == 302
     assert client.get("/").status_code == 302
+
+
+def test_other_addresses_failures_do_not_lock_a_user_out(user, settings):
+    settings.LOGIN_FAILURE_LIMIT = 2
+    attacker = Client(REMOTE_ADDR="203.0.113.9")
+    for _ in range(3):
+        attacker.post("/accounts/login/", {"username": "alice", "password": "wrong"})
+    owner = Client(REMOTE_ADDR="198.51.100.7")
+    response = owner.post("/accounts/login/", {"username": "alice", "password": "pw-alice-123!"})
+    assert response.status_code == 302
+
+
+def test_many_addresses_guessing_one_account_are_throttled(user, settings):
+    settings.LOGIN_FAILURE_LIMIT = 2
+    for i in range(20):  # ten times the limit, from as many addresses
+        Client(REMOTE_ADDR=f"203.0.113.{i}").post(
+            "/accounts/login/", {"username": "alice", "password": "wrong"}
+        )
+    response = Client(REMOTE_ADDR="198.51.100.7").post(
+        "/accounts/login/", {"username": "alice", "password": "pw-alice-123!"}
+    )
+    assert b"Too many failed sign-in attempts" in response.content
+
+
+def test_client_address_header_behind_a_proxy(user, settings):
+    settings.LOGIN_FAILURE_LIMIT = 2
+    settings.CHAT_CLIENT_IP_HEADER = "HTTP_X_REAL_IP"
+    for _ in range(2):
+        Client(REMOTE_ADDR="127.0.0.1", HTTP_X_REAL_IP="203.0.113.9").post(
+            "/accounts/login/", {"username": "alice", "password": "wrong"}
+        )
+    other = Client(REMOTE_ADDR="127.0.0.1", HTTP_X_REAL_IP="198.51.100.7")
+    response = other.post("/accounts/login/", {"username": "alice", "password": "pw-alice-123!"})
+    assert response.status_code == 302
