@@ -283,11 +283,13 @@ def trim_context(
 ) -> list[ChatMessage]:
     """Fit a conversation into the model's context, by a stated policy.
 
-    Keep the system prompt and the newest messages that fit, dropping the
-    oldest first; the latest message is always kept (cut to the budget if
-    alone it is too long).
+    The system prompt keeps at most half the budget (its beginning); then the
+    newest messages that fit, dropping the oldest first. The latest message is
+    always kept, cut to what is left (its end) if alone it is too long, so a
+    conversation never becomes too long to answer.
     """
     budget = context_chars or settings.CHAT_CONTEXT_CHARS
+    system_prompt = system_prompt[: budget // 2]
     system = [ChatMessage("system", system_prompt)] if system_prompt else []
     budget -= len(system_prompt)
     kept: list[ChatMessage] = []
@@ -295,7 +297,7 @@ def trim_context(
         if kept and len(turn.content) > budget:
             break
         if not kept and len(turn.content) > budget:
-            turn = ChatMessage(turn.role, turn.content[-max(budget, 1000) :])
+            turn = ChatMessage(turn.role, turn.content[-max(budget, 1) :])
         kept.append(turn)
         budget -= len(turn.content)
     kept.reverse()

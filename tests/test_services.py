@@ -412,3 +412,14 @@ async def test_a_failing_title_falls_back_to_the_first_words(user, asgi_login, m
         await asyncio.sleep(0.02)
         conversation = await Conversation.objects.aget(pk=start["conversation"])
     assert conversation.title == "please explain monads to me like I am…"
+
+
+def test_context_caps_a_huge_system_prompt(user):
+    from chat.llm import ChatMessage
+
+    context = services.trim_context(
+        "s" * 100_000, [ChatMessage("user", "q" * 5000)], context_chars=3072
+    )
+    assert len(context[0].content) == 1536  # half the budget
+    assert context[-1].role == "user" and context[-1].content
+    assert sum(len(m.content) for m in context) <= 3072
