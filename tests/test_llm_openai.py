@@ -360,3 +360,19 @@ def test_fake_upstream_models_and_stats(upstream):
         stats = json.load(resp)
     assert set(stats) == {"started", "completed", "abandoned", "active"}
     assert all(isinstance(v, int) for v in stats.values())
+
+
+async def test_list_models_keeps_the_last_good_list_when_the_endpoint_fails(upstream):
+    p = OpenAICompatProvider(name="fake", base_url=upstream.base_url, api_key=API_KEY)
+    first = await p.list_models()
+    assert "fake-echo" in first
+
+    class Broken:
+        class models:  # noqa: N801 - mimics client.models
+            @staticmethod
+            async def list(**kwargs):
+                raise OSError("endpoint down")
+
+    p._models_cache = None  # the cached answer expired
+    p._client = lambda: Broken
+    assert await p.list_models() == first

@@ -29,8 +29,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 MODELS_TTL = 60.0  # seconds a successful /models answer is reused
-MODELS_FAILURE_TTL = 10.0  # seconds a failed /models answer is reused (as [])
-MODELS_TIMEOUT = 10.0
+MODELS_FAILURE_TTL = 10.0  # seconds before a failed /models call is tried again
+MODELS_TIMEOUT = 5.0
 
 _METADATA_HOSTS = frozenset(
     {
@@ -180,6 +180,7 @@ class OpenAICompatProvider:
         self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, openai.AsyncOpenAI]
         self._clients = weakref.WeakKeyDictionary()
         self._models_cache: tuple[float, list[str]] | None = None
+        self._last_good_models: list[str] = []
 
     def __repr__(self) -> str:  # never show the key
         return f"<OpenAICompatProvider {self.name!r}>"
@@ -222,9 +223,14 @@ class OpenAICompatProvider:
             page = await self._client().models.list(timeout=min(MODELS_TIMEOUT, self.read_timeout))
             ids = sorted(m.id for m in page.data if getattr(m, "id", None))
             ttl = MODELS_TTL
-        except Exception as exc:  # any failure: the picker just shows no models for it
+        except Exception as exc:
+            # Keep offering the last list that worked: a blip of /models must
+            # not make every conversation on these models unusable.
             log.warning("Listing models of provider %r failed: %s", self.name, _describe(exc))
-            ids, ttl = [], MODELS_FAILURE_TTL
+            ids = self._last_good_models
+            ttl = MODELS_FAILURE_TTL
+        else:
+            self._last_good_models = ids
         self._models_cache = (time.monotonic() + ttl, ids)
         return list(ids)
 
