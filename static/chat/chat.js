@@ -165,6 +165,7 @@
         }
         titlePending = data.title_pending;
         adoptConversation(data);
+        if (active.stopRequested) stop(); // Stop was pressed before the id was known
       } else if (name === "snapshot") {
         view.setText(data.t);
       } else if (name === "message") {
@@ -309,6 +310,9 @@
     if (!content.trim() || active) return;
     startReply(composer.action, new FormData(composer), () => {
       textarea.value = "";
+      // Only the newest reply can be regenerated: earlier buttons would branch
+      // the conversation somewhere the page no longer shows.
+      for (const button of messages.querySelectorAll(".regenerate")) button.remove();
       const user = userArticle(content);
       const article = assistantArticle();
       messages.append(user, article);
@@ -326,6 +330,8 @@
   function regenerate(old) {
     startReply(conversationUrl(`m/${old.dataset.id}/regenerate/`), replyForm(), () => {
       const article = assistantArticle();
+      // What followed the old reply is not on the new version's path.
+      while (old.nextElementSibling) old.nextElementSibling.remove();
       old.replaceWith(article);
       return { article };
     });
@@ -424,13 +430,28 @@
   }
 
   async function stop() {
-    if (!active || !active.id) return;
+    if (!active) return;
+    if (!active.id) {
+      active.stopRequested = true; // sent as soon as the reply has an id
+      return;
+    }
     stopButton.disabled = true;
     try {
-      await fetch(conversationUrl(`m/${active.id}/stop/`), {
+      const response = await fetch(conversationUrl(`m/${active.id}/stop/`), {
         method: "POST",
         headers: { "X-CSRFToken": csrfToken },
       });
+      if (!response.ok) {
+        let reason = `Could not stop the reply (HTTP ${response.status}).`;
+        try {
+          reason = (await response.json()).error || reason;
+        } catch (_) {
+          /* not JSON: keep the generic reason */
+        }
+        showError(reason);
+      }
+    } catch (err) {
+      showError("Could not reach the server to stop the reply.");
     } finally {
       stopButton.disabled = false;
     }

@@ -468,3 +468,15 @@ def test_text_contrast_meets_wcag_aa(page_for, user, scheme):
         ],
     )
     assert all(ratio >= 4.5 for ratio in ratios.values()), ratios
+
+
+def test_only_the_newest_reply_offers_regenerate(page_for, user):
+    page = page_for(user)
+    page.goto("/")
+    _send(page, "one", "fake-echo")
+    _send(page, "two")
+    expect(page.get_by_role("button", name="Regenerate")).to_have_count(1)
+    _last_reply(page).get_by_role("button", name="Regenerate").click()
+    expect(_last_reply(page)).to_have_attribute("data-status", "complete")
+    expect(page.locator("article.message")).to_have_count(4)
+    expect(_last_reply(page).locator(".message-body")).to_have_text("Echo: two")
