@@ -182,6 +182,19 @@ def message_send(
     return user_message, assistant
 
 
+def conversation_start(
+    *, owner, model: str, content: str, chat_settings: dict
+) -> tuple[Conversation, Message, Message]:
+    """A new chat with its first message, all or nothing: no empty chat left behind."""
+    with transaction.atomic():
+        conversation = conversation_create(owner=owner, model=model, title=title_fallback(content))
+        conversation_settings_update(conversation=conversation, **chat_settings)
+        user_message, assistant = message_send(
+            conversation=conversation, content=content, model=model
+        )
+    return conversation, user_message, assistant
+
+
 def _reply_row_create(*, conversation: Conversation, parent: Message | None, model: str) -> Message:
     """The empty `streaming` assistant row a new reply fills, made the current leaf.
 

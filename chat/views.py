@@ -128,20 +128,17 @@ async def message_send(request: HttpRequest, pk: int | None = None) -> HttpRespo
         content = services.validate_message_content(request.POST.get("content", ""))
         if conversation is None:
             # A new chat takes the settings panel's values with its first message.
-            chat_settings = services.conversation_settings_parse(request.POST)
-            await run_db(services.check_reply_quota, user.pk)
-            conversation = await run_db(
-                services.conversation_create,
+            conversation, user_message, assistant = await run_db(
+                services.conversation_start,
                 owner=user,
                 model=model.id,
-                title=services.title_fallback(content),
+                content=content,
+                chat_settings=services.conversation_settings_parse(request.POST),
             )
-            await run_db(
-                services.conversation_settings_update, conversation=conversation, **chat_settings
+        else:
+            user_message, assistant = await run_db(
+                services.message_send, conversation=conversation, content=content, model=model.id
             )
-        user_message, assistant = await run_db(
-            services.message_send, conversation=conversation, content=content, model=model.id
-        )
     except services.InputError as exc:
         return _error(str(exc), exc.status)
     return await _start_reply(

@@ -423,3 +423,11 @@ def test_context_caps_a_huge_system_prompt(user):
     assert len(context[0].content) == 1536  # half the budget
     assert context[-1].role == "user" and context[-1].content
     assert sum(len(m.content) for m in context) <= 3072
+
+
+def test_new_chat_is_all_or_nothing(user, settings):
+    settings.CHAT_MAX_CONCURRENT_REPLIES = 0  # message_send refuses
+    with pytest.raises(services.InputError):
+        services.conversation_start(owner=user, model="fake", content="hi", chat_settings={})
+    assert not Conversation.objects.exists()
+    assert not Message.objects.exists()
