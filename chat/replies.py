@@ -312,9 +312,13 @@ def control_plane() -> ControlPlane | None:
     loop = asyncio.get_running_loop()
     plane = _planes.get(loop)
     if plane is None:
-        from channels.layers import get_channel_layer
+        from channels import DEFAULT_CHANNEL_LAYER
+        from channels.layers import channel_layers
 
-        plane = _planes[loop] = ControlPlane(get_channel_layer())
+        # A layer of its own: channels_redis keeps locks and buffers that
+        # belong to the event loop that first used them.
+        layer = channel_layers.make_backend(DEFAULT_CHANNEL_LAYER)
+        plane = _planes[loop] = ControlPlane(layer)
     return plane
 
 
