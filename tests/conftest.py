@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from http.cookies import SimpleCookie
 
@@ -17,6 +18,19 @@ from chat.llm.fake_upstream import FakeUpstream
 from tests.live import LiveServer
 
 CSRF_SECRET = "a" * 32
+
+
+def wait_for_reply(statuses, timeout: float = 10):
+    """The newest assistant row once its status is one of `statuses` (for live-server tests)."""
+    from chat.models import Message
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        row = Message.objects.filter(role="assistant").order_by("-id").first()
+        if row and row.status in statuses:
+            return row
+        time.sleep(0.05)
+    raise AssertionError(f"no reply reached {statuses}")
 
 
 def pytest_collection_modifyitems(items):

@@ -13,7 +13,8 @@ from django.core.management import call_command
 from django.test import Client
 
 from chat import services
-from chat.models import ApiKey, Conversation, Message
+from chat.models import ApiKey, Conversation
+from tests.conftest import wait_for_reply
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -32,16 +33,6 @@ def client(daphne_server, api_key):
 @pytest.fixture
 def async_client(daphne_server, api_key):
     return openai.AsyncOpenAI(base_url=f"{daphne_server.url}/v1", api_key=api_key, max_retries=0)
-
-
-def _wait_reply(status_values, timeout=10) -> Message:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        row = Message.objects.filter(role="assistant").order_by("-id").first()
-        if row and row.status in status_values:
-            return row
-        time.sleep(0.05)
-    raise AssertionError(f"no reply reached {status_values}")
 
 
 def _raw(daphne_server, method, path, body=None, headers=None):
@@ -95,7 +86,7 @@ def test_completion_streaming_with_usage(client):
     assert text == "Echo: one two three"
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 4
-    assert _wait_reply({"complete"}).content == "Echo: one two three"
+    assert wait_for_reply({"complete"}).content == "Echo: one two three"
 
 
 async def test_async_client_streaming_and_not(async_client):
@@ -297,7 +288,7 @@ def test_upstream_error_is_502_and_stored(client):
         )
     assert info.value.status_code == 502
     assert "UPSTREAM-SECRET-DETAIL" not in str(info.value.body)
-    reply = _wait_reply({"error"})
+    reply = wait_for_reply({"error"})
     assert "HTTP 500" in reply.error
 
 
@@ -308,7 +299,7 @@ def test_upstream_error_mid_stream_raises_in_client(client):
     with pytest.raises(openai.APIError):
         for _ in stream:
             pass
-    assert _wait_reply({"error"}).content  # partial text kept
+    assert wait_for_reply({"error"}).content  # partial text kept
 
 
 def test_client_disconnect_abandons_reply_and_closes_upstream(daphne_server, api_key, upstream):
@@ -327,7 +318,7 @@ def test_client_disconnect_abandons_reply_and_closes_upstream(daphne_server, api
     while received.count(b'"content":"') < 2:  # the two tokens before the stall
         received += sock.recv(65536)
     sock.close()
-    reply = _wait_reply({"interrupted"}, timeout=5)
+    reply = wait_for_reply({"interrupted"}, timeout=5)
     assert reply.content  # the tokens it had are kept
     deadline = time.monotonic() + 3
     while upstream.stats["abandoned"] == before and time.monotonic() < deadline:

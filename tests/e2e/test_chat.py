@@ -8,6 +8,7 @@ import pytest
 from playwright.sync_api import expect
 
 from chat.models import Message
+from tests.conftest import wait_for_reply
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
@@ -22,16 +23,6 @@ def _send(page, text: str, model: str):
     return page.locator("article.message-assistant").last
 
 
-def _wait_row(status_values, timeout=10) -> Message:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        row = Message.objects.filter(role="assistant").order_by("-id").first()
-        if row and row.status in status_values:
-            return row
-        time.sleep(0.05)
-    raise AssertionError(f"no assistant row reached {status_values}")
-
-
 def test_reply_streams_token_by_token_and_is_stored(page_for, user):
     page = page_for(user)
     reply = _send(page, WORDS, "fake-slow")
@@ -44,7 +35,7 @@ def test_reply_streams_token_by_token_and_is_stored(page_for, user):
         time.sleep(0.05)
     assert len(states) >= 4, states  # watched it grow through intermediate states
     expect(reply).to_have_attribute("data-status", "complete")
-    row = _wait_row({"complete"})
+    row = wait_for_reply({"complete"})
     assert row.content == f"Echo: {WORDS}"
     assert row.model == "fake-slow"
     assert row.completion_tokens == 21
@@ -60,7 +51,7 @@ def test_stop_keeps_what_was_shown(page_for, user):
     page.get_by_role("button", name="Stop").click()
     expect(reply).to_have_attribute("data-status", "stopped")
     expect(reply.locator(".status")).to_have_text("Stopped")
-    row = _wait_row({"stopped"})
+    row = wait_for_reply({"stopped"})
     shown = reply.locator(".message-body").inner_text().strip()
     assert row.content.strip() == shown
     assert "w19" not in row.content
@@ -82,7 +73,7 @@ def test_reload_mid_reply_resumes_and_completes(page_for, user):
     page.reload()
     resumed = page.locator("article.message-assistant").last
     expect(resumed).to_have_attribute("data-status", "complete", timeout=15_000)
-    row = _wait_row({"complete"})
+    row = wait_for_reply({"complete"})
     assert row.content == f"Echo: {WORDS}"
     assert resumed.locator(".message-body").inner_text().strip() == row.content
 
@@ -92,7 +83,7 @@ def test_closed_tab_reply_finishes_and_shows_later(page_for, user):
     reply = _send(page, WORDS, "fake-slow")
     expect(reply.locator(".message-body")).to_contain_text("w1")
     page.close()
-    row = _wait_row({"complete"}, timeout=15)
+    row = wait_for_reply({"complete"}, timeout=15)
     later = page_for(user)
     later.goto(f"/c/{row.conversation_id}/")
     expect(later.locator("article.message-assistant .message-body")).to_have_text(row.content)
@@ -104,7 +95,7 @@ def test_upstream_error_shows_readable_reason(page_for, user):
     expect(reply).to_have_attribute("data-status", "error")
     expect(reply.locator(".error-text")).to_contain_text("HTTP 500")
     assert "UPSTREAM-SECRET-DETAIL" not in page.content()
-    row = _wait_row({"error"})
+    row = wait_for_reply({"error"})
     assert "UPSTREAM-SECRET-DETAIL" not in row.error
     # The user's message is kept and the conversation stays usable.
     assert Message.objects.filter(role="user", content="hello").exists()
