@@ -22,24 +22,14 @@ import os
 import platform
 import re
 import statistics
-import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import scratch_django  # noqa: E402
 
-DATA_DIR = Path(tempfile.mkdtemp(prefix="chatsite-bench-page-"))
-os.environ.setdefault("DJANGO_SETTINGS_MODULE", "chatsite.settings")
-os.environ["CHATSITE_DATA_DIR"] = str(DATA_DIR)
-os.environ["DATABASE_URL"] = f"sqlite:///{DATA_DIR / 'db.sqlite3'}"
-os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "1"  # Playwright's sync API runs a loop here
-
-import django  # noqa: E402
-
-django.setup()
+ROOT = scratch_django.ROOT
+scratch_django.setup("chatsite-bench-page-")
 
 from django.contrib.auth import get_user_model  # noqa: E402
 from django.core.management import call_command  # noqa: E402

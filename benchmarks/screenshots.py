@@ -9,23 +9,12 @@ conversation shown is stored directly, with two versions of the last reply.
 from __future__ import annotations
 
 import os
-import sys
-import tempfile
 from datetime import timedelta
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import scratch_django  # noqa: E402
 
-DATA_DIR = Path(tempfile.mkdtemp(prefix="chatsite-screens-"))
-os.environ.setdefault("DJANGO_SETTINGS_MODULE", "chatsite.settings")
-os.environ["CHATSITE_DATA_DIR"] = str(DATA_DIR)
-os.environ["DATABASE_URL"] = f"sqlite:///{DATA_DIR / 'db.sqlite3'}"
-os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "1"  # Playwright's sync API runs a loop here
-
-import django  # noqa: E402
-
-django.setup()
+ROOT = scratch_django.ROOT
+scratch_django.setup("chatsite-screens-")
 
 from django.contrib.auth import get_user_model  # noqa: E402
 from django.core.management import call_command  # noqa: E402

@@ -48,6 +48,11 @@ async def _owned_message(request: HttpRequest, pk: int, message_id: int) -> Mess
     return message
 
 
+async def _requested_model(request: HttpRequest, conversation: Conversation):
+    """The model the page picked, else the conversation's; None if not offered."""
+    return await llm.resolve(request.POST.get("model", "").strip() or conversation.model)
+
+
 def _error(message: str, status: int) -> JsonResponse:
     return JsonResponse({"error": message}, status=status)
 
@@ -154,7 +159,7 @@ async def message_edit(request: HttpRequest, pk: int, message_id: int) -> HttpRe
     conversation = message.conversation
     if message.role != Message.Role.USER:
         return _error("Only your own messages can be edited.", 400)
-    model = await llm.resolve(request.POST.get("model", "").strip() or conversation.model)
+    model = await _requested_model(request, conversation)
     if model is None:
         return _error("That model is not available any more.", 400)
     try:
@@ -243,7 +248,7 @@ async def reply_regenerate(request: HttpRequest, pk: int, message_id: int) -> Ht
     conversation = message.conversation
     if message.role != Message.Role.ASSISTANT:
         return _error("Only a reply can be regenerated.", 400)
-    model = await llm.resolve(request.POST.get("model", "").strip() or conversation.model)
+    model = await _requested_model(request, conversation)
     if model is None:
         return _error("That model is not available any more.", 400)
     try:

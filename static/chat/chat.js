@@ -113,6 +113,17 @@
     if (!busy) textarea.focus();
   }
 
+  // The server's own reason for refusing a request (its JSON `error`), else a generic one.
+  async function refusal(response, generic) {
+    try {
+      const reason = (await response.json()).error;
+      if (reason) return reason;
+    } catch (_) {
+      /* not JSON: the generic reason */
+    }
+    return `${generic} (HTTP ${response.status}).`;
+  }
+
   function showError(text) {
     errorBox.textContent = text;
     errorBox.hidden = !text;
@@ -280,13 +291,7 @@
       return false;
     }
     if (!response.ok) {
-      let reason = `The server refused the message (HTTP ${response.status}).`;
-      try {
-        reason = (await response.json()).error || reason;
-      } catch (_) {
-        /* not JSON: keep the generic reason */
-      }
-      showError(reason);
+      showError(await refusal(response, "The server refused the message"));
       active = null;
       setBusy(false);
       return false;
@@ -442,13 +447,7 @@
         headers: { "X-CSRFToken": csrfToken },
       });
       if (!response.ok) {
-        let reason = `Could not stop the reply (HTTP ${response.status}).`;
-        try {
-          reason = (await response.json()).error || reason;
-        } catch (_) {
-          /* not JSON: keep the generic reason */
-        }
-        showError(reason);
+        showError(await refusal(response, "Could not stop the reply"));
       }
     } catch (err) {
       showError("Could not reach the server to stop the reply.");
