@@ -7,10 +7,25 @@ PORT ?= 8000
 
 .PHONY: install install-dev run migrate test test-postgres lint format bench clean
 
-# Reinstalls only when a requirements file changed (the stamp is newer otherwise).
-$(VENV)/.installed: requirements.txt
+# llama-cpp-python compiles from source. Its default, -march=native, is not safe:
+# a wheel built on one CPU dies with SIGILL on another (pip's cache reuses it), and
+# a VM may advertise AMX tiles that it then refuses, so even a build on the same
+# machine crashed here. Build for x86-64-v3 (AVX2, FMA; every x86 server since
+# about 2015), never from or into pip's wheel cache; the stamp carries the version
+# and the flags, so a change of either rebuilds it once.
+LLAMA_REQUIREMENT := $(shell grep -i '^llama-cpp-python==' requirements.txt)
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+LLAMA_STAMP := $(VENV)/.llama-$(shell echo '$(LLAMA_REQUIREMENT) $(LLAMA_CMAKE_ARGS)' | cksum | cut -d' ' -f1)
+
+$(LLAMA_STAMP):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install --quiet --no-cache-dir \
+		--force-reinstall --no-deps "$(LLAMA_REQUIREMENT)"
+	touch $@
+
+# Reinstalls only when a requirements file changed (the stamp is newer otherwise).
+$(VENV)/.installed: requirements.txt $(LLAMA_STAMP)
 	$(PY) -m pip install --quiet -r requirements.txt
 	touch $@
 

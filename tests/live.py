@@ -6,7 +6,9 @@ behave as in production only through a real ASGI server.
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -18,6 +20,13 @@ from pathlib import Path
 from django.db import connection
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def _die_with_parent() -> None:
+    # A test run that is killed (a timeout, ^C) must not leave daphne behind
+    # holding the test database: the next run could not drop it.
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def free_port() -> int:
@@ -76,6 +85,7 @@ class LiveServer:
             env=env,
             stdout=self.log,
             stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent,
         )
         self._wait_ready()
 
