@@ -23,7 +23,7 @@ from . import llm, replies, services
 from .db import run_db
 from .models import ApiKey, Message
 from .replies import HEARTBEAT, ReplyEnd
-from .streaming import PING, STREAM_OPEN, sse_response
+from .streaming import PING, sse_response
 
 ROLES = {"system", "developer", "user", "assistant"}
 
@@ -235,7 +235,20 @@ async def chat_completions(request: HttpRequest, key: ApiKey) -> HttpResponse:
     )
     completion_id = f"chatcmpl-{assistant.pk}"
     if req["stream"]:
-        chunks = _completion_chunks(reply, assistant, completion_id, model.id, req["include_usage"])
+        follow = replies.reply_follow(assistant)
+        try:
+            first = await _first_event(follow)
+        except asyncio.CancelledError:
+            reply.abandon()
+            await follow.aclose()
+            raise
+        if isinstance(first, ReplyEnd) and first.status == Message.Status.ERROR:
+            # Failed before its first token: a real HTTP status, as OpenAI answers.
+            await follow.aclose()
+            raise ApiError(first.error, 502, type="upstream_error", code="upstream_error")
+        chunks = _completion_chunks(
+            reply, follow, first, completion_id, model.id, req["include_usage"]
+        )
         return sse_response(chunks)
     try:
         end = await reply.wait()
@@ -274,10 +287,27 @@ def _usage(row: Message) -> dict:
     }
 
 
+async def _first_event(follow: AsyncIterator) -> str | ReplyEnd | object:
+    """The first token, the end, or a heartbeat (the upstream is silent) of a new reply.
+
+    The response starts only then, so an upstream that fails before its first
+    token gets an error status instead of a 200 stream holding an error. This
+    delays no token: the headers go out with the first one.
+    """
+    so_far = await anext(follow)  # a new reply has no text yet
+    return so_far if so_far else await anext(follow)
+
+
 async def _completion_chunks(
-    reply: replies.Reply, assistant: Message, completion_id: str, model: str, include_usage: bool
+    reply: replies.Reply,
+    follow: AsyncIterator,
+    first: str | ReplyEnd | object,
+    completion_id: str,
+    model: str,
+    include_usage: bool,
 ) -> AsyncIterator[bytes]:
-    """OpenAI's chunk stream for one reply; leaving early abandons the reply."""
+    """OpenAI's chunk stream for one reply, from its `first` event on; leaving early
+    abandons the reply."""
     created = int(time.time())
     usage_field = ',"usage":null' if include_usage else ""
     head = json.dumps(
@@ -287,9 +317,9 @@ async def _completion_chunks(
     prefix = f'data: {head},"system_fingerprint":null,"choices":[{{"index":0,"delta":'.encode()
     suffix = f',"logprobs":null,"finish_reason":null}}]{usage_field}}}\n\n'.encode()
     try:
-        yield STREAM_OPEN
         yield prefix + b'{"role":"assistant","content":""}' + suffix
-        async for item in replies.reply_follow(assistant):
+        item = first
+        while True:
             if isinstance(item, str):
                 if item:
                     yield prefix + b'{"content":' + json.dumps(item).encode() + b"}" + suffix
@@ -303,10 +333,12 @@ async def _completion_chunks(
                 yield _final_chunks(head, item, include_usage)
                 yield b"data: [DONE]\n\n"
                 return
+            item = await anext(follow)
     finally:
         # A client that left before the end: stop generating for nobody.
         if reply.end is None:
             reply.abandon()
+        await follow.aclose()
 
 
 def _final_chunks(head: str, end: ReplyEnd, include_usage: bool) -> bytes:

@@ -59,6 +59,8 @@ class Reply:
         self._streaming = True
         self._cancel_requested = False
         self._checkpoint: asyncio.Task | None = None
+        self._checkpoint_timer: asyncio.TimerHandle | None = None
+        self._last_save = 0.0
 
     @property
     def text(self) -> str:
@@ -134,7 +136,7 @@ class Reply:
         ttft_ms = None
         usage: dict = {}
         end = ReplyEnd(status=Message.Status.COMPLETE)
-        last_save = started
+        self._last_save = started
         stream = self.provider.stream(self.messages, self.params)
         try:
             if self._cancel_requested:  # stopped before the task first ran
@@ -145,16 +147,14 @@ class Reply:
                         ttft_ms = int((time.monotonic() - started) * 1000)
                     self.parts.append(delta.text)
                     self._publish(delta.text)
+                    if self._checkpoint_timer is None:
+                        self._checkpoint_soon()
                 if delta.finish_reason:
                     end.finish_reason = delta.finish_reason
                 if delta.prompt_tokens is not None:
                     usage["prompt_tokens"] = delta.prompt_tokens
                 if delta.completion_tokens is not None:
                     usage["completion_tokens"] = delta.completion_tokens
-                now = time.monotonic()
-                if now - last_save >= settings.CHAT_CHECKPOINT_SECONDS:
-                    last_save = now
-                    self._schedule_checkpoint()
         except asyncio.CancelledError:
             end = ReplyEnd(
                 status=Message.Status.STOPPED
@@ -170,6 +170,8 @@ class Reply:
             end = ReplyEnd(status=Message.Status.ERROR, error="Internal error while generating.")
         finally:
             self._streaming = False
+            if self._checkpoint_timer is not None:
+                self._checkpoint_timer.cancel()
             # Closing the provider's generator closes the upstream stream now,
             # so a stopped reply stops spending tokens.
             with contextlib.suppress(Exception):
@@ -201,19 +203,37 @@ class Reply:
             self._publish(end)
             self._subscribers.clear()
 
-    def _schedule_checkpoint(self) -> None:
-        """Save the text so far without holding up the next token."""
+    def _checkpoint_soon(self) -> None:
+        """Save new text at most CHAT_CHECKPOINT_SECONDS after the last save.
+
+        A timer, not the next token, triggers the save: text that arrived just
+        before the upstream fell silent is stored too, and a killed process
+        loses at most that interval of text.
+        """
+        delay = self._last_save + settings.CHAT_CHECKPOINT_SECONDS - time.monotonic()
+        self._checkpoint_timer = asyncio.get_running_loop().call_later(
+            max(0.0, delay), self._checkpoint_save
+        )
+
+    def _checkpoint_save(self) -> None:
+        self._checkpoint_timer = None
+        if not self._streaming:
+            return
         if self._checkpoint is not None and not self._checkpoint.done():
-            return  # one in flight is enough; the next one carries more text
+            self._checkpoint_soon()  # one save in flight at a time; the next carries more
+            return
+        self._last_save = time.monotonic()
+        # Saved without holding up the next token.
         self._checkpoint = asyncio.get_running_loop().create_task(
-            run_db(services.reply_checkpoint, message_id=self.message_id, content=self.text)
+            run_db(services.reply_checkpoint, message_id=self.message_id, content=self.text),
+            context=contextvars.Context(),
         )
 
 
 def reply_start(
     *, message_id: int, provider: Provider, messages: list[ChatMessage], params: GenerationParams
 ) -> Reply:
-    _ensure_sweeper()
+    sweeper_ensure()
     reply = Reply(message_id, provider, messages, params)
     reply.start()
     return reply
@@ -274,6 +294,28 @@ class ControlPlane:
                 continue
             if message.get("type") == "reply.stop":
                 reply_stop(int(message["id"]))
+            elif message.get("type") == "plane.close":
+                return
+
+    async def close(self) -> None:
+        """Stop listening and release the layer's connections.
+
+        The listener is woken by a message of its own, not cancelled: a cancel
+        that lands in redis-py's socket read can be lost, and channels_redis
+        then polls Redis forever, so the event loop never finishes closing.
+        """
+        if self.channel.done():
+            await self.layer.send(self.channel.result(), {"type": "plane.close"})
+            try:
+                async with asyncio.timeout(5):
+                    await self._listener
+            except TimeoutError:
+                log.error("control plane listener did not stop")
+        else:
+            self._listener.cancel()
+        if self._pending:
+            await asyncio.wait(self._pending, timeout=5)
+        await self.layer.close_pools()
 
     def _spawn(self, coro) -> None:
         # Group membership is bookkeeping: never hold up a reply for it.
@@ -320,6 +362,13 @@ def control_plane() -> ControlPlane | None:
         layer = channel_layers.make_backend(DEFAULT_CHANNEL_LAYER)
         plane = _planes[loop] = ControlPlane(layer)
     return plane
+
+
+async def control_plane_close() -> None:
+    """Close this event loop's control plane, if it has one (before the loop closes)."""
+    plane = _planes.pop(asyncio.get_running_loop(), None)
+    if plane is not None:
+        await plane.close()
 
 
 def running_ids() -> list[int]:
@@ -413,8 +462,12 @@ async def _follow_row(message_id: int) -> AsyncIterator[str | ReplyEnd | object]
 _sweeper: asyncio.Task | None = None
 
 
-def _ensure_sweeper() -> None:
-    """Start this process's periodic sweep of stale streaming rows (once per loop)."""
+def sweeper_ensure() -> None:
+    """Start this process's periodic sweep of stale streaming rows (once per loop).
+
+    Called for every request (chatsite.asgi), so a worker that starts after
+    another died retires that worker's rows at once, before anyone waits on them.
+    """
     global _sweeper
     loop = asyncio.get_running_loop()
     if _sweeper is not None and not _sweeper.done() and _sweeper.get_loop() is loop:
@@ -425,7 +478,6 @@ def _ensure_sweeper() -> None:
 async def _sweep_forever() -> None:
     interval = max(5, settings.CHAT_STALE_SECONDS // 3)
     while True:
-        await asyncio.sleep(interval)
         try:
             # Touch our own running rows so other processes see them alive...
             ids = running_ids()
@@ -437,3 +489,4 @@ async def _sweep_forever() -> None:
                 log.warning("marked %d abandoned replies interrupted", swept)
         except Exception:
             log.exception("reply sweep failed")
+        await asyncio.sleep(interval)

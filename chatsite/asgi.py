@@ -28,6 +28,7 @@ class ChatASGIHandler(ASGIHandler):
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             raise ValueError(f"Django can only handle ASGI/HTTP connections, not {scope['type']}.")
+        sweeper_ensure()
         if scope["path"].startswith(SYNC_VIEW_PREFIXES):
             async with ThreadSensitiveContext():
                 await self.handle(scope, receive, send)
@@ -36,6 +37,9 @@ class ChatASGIHandler(ASGIHandler):
 
 
 django.setup(set_prefix=False)
+
+from chat.replies import sweeper_ensure  # noqa: E402  (needs the apps loaded)
+
 application = ChatASGIHandler()
 
 if settings.SERVE_STATIC:

@@ -1,18 +1,21 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import time
 from collections.abc import AsyncIterator
 from http.cookies import SimpleCookie
 
 import pytest
-from asgiref.sync import sync_to_async
+from asgiref.sync import SyncToAsync, sync_to_async
 from asgiref.testing import ApplicationCommunicator
 from django.core.cache import cache
+from django.db import connections
 from django.test import Client
 
 import chat.llm
+from chat import replies
 from chat.llm import ChatMessage, Delta, GenerationParams
 from chat.llm.fake_upstream import FakeUpstream
 from tests.live import LiveServer
@@ -52,6 +55,27 @@ def _test_settings(settings):
     cache.clear()
     yield
     cache.clear()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _db_thread_disconnected(django_db_setup):
+    """Close the database thread's connection (chat.db.run_db) before the test database
+    is dropped; PostgreSQL refuses to drop a database that is still in use."""
+    yield
+    SyncToAsync.single_thread_executor.submit(connections.close_all).result(timeout=10)
+
+
+@pytest.fixture(autouse=True)
+def _async_test_cleanup(request):
+    if inspect.iscoroutinefunction(request.function):
+        request.getfixturevalue("_control_plane_closed")
+
+
+@pytest.fixture
+async def _control_plane_closed():
+    """An async test's Redis control plane is closed before its event loop is."""
+    yield
+    await replies.control_plane_close()
 
 
 @pytest.fixture

@@ -292,6 +292,17 @@ def test_upstream_error_is_502_and_stored(client):
     assert "HTTP 500" in reply.error
 
 
+def test_upstream_error_before_first_token_is_502_also_when_streaming(client):
+    with pytest.raises(openai.APIStatusError) as info:
+        client.chat.completions.create(
+            model="fake-error-500", messages=[{"role": "user", "content": "x"}], stream=True
+        )
+    assert info.value.status_code == 502
+    assert info.value.body["type"] == "upstream_error"
+    assert "UPSTREAM-SECRET-DETAIL" not in str(info.value.body)
+    assert "HTTP 500" in wait_for_reply({"error"}).error
+
+
 def test_upstream_error_mid_stream_raises_in_client(client):
     stream = client.chat.completions.create(
         model="fake-cut", messages=[{"role": "user", "content": "x"}], stream=True

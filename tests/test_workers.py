@@ -93,3 +93,41 @@ def test_stop_and_resume_from_another_worker(two_workers, user):
     row = Message.objects.get(pk=reply_id)
     assert row.status == Message.Status.STOPPED
     assert row.content.startswith("Echo: w0") and "w39" not in row.content
+
+
+def test_worker_killed_mid_reply_leaves_an_interrupted_row_with_its_checkpoint(upstream, user):
+    """Fault 7: kill -9 mid-reply; the next worker to start retires the row at once."""
+    doomed = LiveServer(upstream_url=upstream.base_url)
+    try:
+        stream = SseReader(
+            doomed,
+            "POST",
+            "/c/send/",
+            session_cookies(user),
+            form={"content": "x", "model": "fake-stall"},
+        )
+        _, start = stream.event()
+        reply_id = start["assistant_message"]
+        deadline = time.monotonic() + 5
+        while not Message.objects.get(pk=reply_id).content:  # a checkpoint (every 0.3 s)
+            assert time.monotonic() < deadline, "no checkpoint before the stall"
+            time.sleep(0.05)
+        doomed.process.kill()
+        doomed.process.wait(5)
+    finally:
+        doomed.stop()
+    assert Message.objects.get(pk=reply_id).status == Message.Status.STREAMING
+
+    time.sleep(1.1)  # older than the next worker's CHAT_STALE_SECONDS
+    successor = LiveServer(upstream_url=upstream.base_url, extra_env={"CHAT_STALE_SECONDS": "1"})
+    try:
+        deadline = time.monotonic() + 5
+        while Message.objects.get(pk=reply_id).status == Message.Status.STREAMING:
+            assert time.monotonic() < deadline, "the row was never swept"
+            time.sleep(0.05)
+    finally:
+        successor.stop()
+    row = Message.objects.get(pk=reply_id)
+    assert row.status == Message.Status.INTERRUPTED
+    assert row.content  # the checkpointed text survived the kill
+    assert row.error
