@@ -17,13 +17,13 @@ from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
-from django.views.decorators.http import require_GET, require_POST
 
 from . import llm, replies, services
 from .db import run_db
 from .models import ApiKey, Message
 from .replies import HEARTBEAT, ReplyEnd
 from .streaming import PING, sse_response
+from .text import clean_text
 
 ROLES = {"system", "developer", "user", "assistant"}
 
@@ -73,24 +73,44 @@ async def _authenticate(request: HttpRequest) -> ApiKey:
     return key
 
 
-def _api_view(view):
-    """CSRF-exempt (keys, not cookies), key-authenticated, errors in OpenAI's shape."""
+def _api_view(method: str):
+    """CSRF-exempt (keys, not cookies), key-authenticated, answering only `method`,
+    errors in OpenAI's shape."""
 
-    @csrf_exempt
-    async def wrapped(request: HttpRequest, *args, **kwargs) -> HttpResponse:
-        try:
-            key = await _authenticate(request)
-            return await view(request, key, *args, **kwargs)
-        except ApiError as exc:
-            return exc.response()
+    def decorate(view):
+        @csrf_exempt
+        async def wrapped(request: HttpRequest, *args, **kwargs) -> HttpResponse:
+            try:
+                if request.method != method:
+                    raise ApiError(
+                        f"{request.method} is not allowed here; use {method}.",
+                        405,
+                        code="method_not_allowed",
+                    )
+                key = await _authenticate(request)
+                return await view(request, key, *args, **kwargs)
+            except ApiError as exc:
+                response = exc.response()
+                if exc.status == 405:
+                    response["Allow"] = method
+                return response
 
-    wrapped.__name__ = view.__name__
-    wrapped.__doc__ = view.__doc__
-    return wrapped
+        wrapped.__name__ = view.__name__
+        wrapped.__doc__ = view.__doc__
+        return wrapped
+
+    return decorate
 
 
-@require_GET
-@_api_view
+@csrf_exempt
+async def not_found(request: HttpRequest) -> HttpResponse:
+    """Any other /v1/ path: OpenAI's 404, so clients show a useful error."""
+    return ApiError(
+        f"Unknown request URL: {request.method} {request.path}.", 404, code="unknown_url"
+    ).response()
+
+
+@_api_view("GET")
 async def models_list(request: HttpRequest, key: ApiKey) -> HttpResponse:
     created = int(time.time())
     data = [
@@ -148,7 +168,8 @@ def parse_completion_request(body: bytes) -> dict:
                 f"Unsupported role {role!r}; use system, developer, user or assistant.",
                 param=f"messages[{index}].role",
             )
-        content = _text_content(message.get("content"), index)
+        # Cleaned once, here: the upstream gets exactly the text that is stored.
+        content = clean_text(_text_content(message.get("content"), index))
         if len(content) > settings.CHAT_MAX_MESSAGE_CHARS:
             raise ApiError(
                 f"Message {index} is too long ({len(content):,} characters; the limit is "
@@ -187,8 +208,7 @@ def parse_completion_request(body: bytes) -> dict:
     }
 
 
-@require_POST
-@_api_view
+@_api_view("POST")
 async def chat_completions(request: HttpRequest, key: ApiKey) -> HttpResponse:
     try:
         body = request.body

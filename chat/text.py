@@ -1,5 +1,9 @@
 """Text that is safe to store on every database backend."""
 
+import re
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
 
 def clean_text(text: str) -> str:
     """Return `text` storable and shown the same on SQLite and PostgreSQL.
@@ -14,5 +18,6 @@ def clean_text(text: str) -> str:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        text = text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+        # In a str every surrogate is a lone one (pairs decode to one code point).
+        text = _SURROGATE.sub("\ufffd", text)
     return text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import socket
@@ -335,3 +336,57 @@ def test_client_disconnect_abandons_reply_and_closes_upstream(daphne_server, api
     while upstream.stats["abandoned"] == before and time.monotonic() < deadline:
         time.sleep(0.02)
     assert upstream.stats["abandoned"] == before + 1  # upstream closed although silent
+
+
+def test_chunked_body_without_length_is_cut_off_at_the_limit(daphne_server, api_key, upstream):
+    started = upstream.stats["started"]
+    sock = socket.create_connection(("127.0.0.1", daphne_server.port), timeout=10)
+    sock.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        + f"Authorization: Bearer {api_key}\r\nContent-Type: application/json\r\n".encode()
+        + b"Transfer-Encoding: chunked\r\n\r\n"
+    )
+    chunk = b"x" * 65536
+    with contextlib.suppress(OSError):  # the server may close as soon as it has answered
+        for _ in range(40):  # 2.6 MB, over the 1 MB limit
+            sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        sock.sendall(b"0\r\n\r\n")
+    response = b""
+    while b"\r\n\r\n" not in response:
+        data = sock.recv(65536)
+        if not data:
+            break
+        response += data
+    sock.close()
+    assert response.startswith(b"HTTP/1.1 413")
+    assert upstream.stats["started"] == started
+    assert not Conversation.objects.exists()
+
+
+def test_wrong_method_and_unknown_path_answer_in_openai_shape(daphne_server, api_key):
+    headers = {"Authorization": f"Bearer {api_key}"}
+    for method, path, status in [
+        ("GET", "/v1/chat/completions", 405),
+        ("POST", "/v1/models", 405),
+        ("POST", "/v1/embeddings", 404),
+        ("GET", "/v1/", 404),
+    ]:
+        got, data = _raw(daphne_server, method, path, headers=headers)
+        assert got == status, (method, path)
+        error = json.loads(data)["error"]
+        assert set(error) == {"message", "type", "param", "code"}
+        assert path in error["message"] or method in error["message"]
+
+
+def test_nul_and_lone_surrogate_reach_upstream_as_stored(daphne_server, api_key):
+    body = json.dumps(
+        {"model": "fake-echo", "messages": [{"role": "user", "content": "a\x00b \ud800c"}]}
+    )
+    headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
+    status, data = _raw(daphne_server, "POST", "/v1/chat/completions", body, headers)
+    assert status == 200
+    answer = json.loads(data)["choices"][0]["message"]["content"]
+    assert answer == "Echo: a\ufffdb \ufffdc"
+    conversation = Conversation.objects.get()
+    assert conversation.messages.get(role="user").content == "a\ufffdb \ufffdc"
+    assert conversation.messages.get(role="assistant").content == answer

@@ -260,8 +260,11 @@
       // Count of characters fed to renderMarkdown(), to prove the work is linear.
       this.renderedChars = 0;
       this.renderCount = 0;
+      this.renderMs = 0; // time spent rendering while streaming
       this.finished = false;
-      this.frame = null;
+      this.frame = null; // a pending animation frame
+      this.timer = null; // or a pending wait before one
+      this.notBefore = 0; // no tail render before this time (see renderFrame)
       this.reset();
       // Keep renderAll() from rendering over a live reply.
       element.setAttribute("data-markdown-rendered", "");
@@ -295,17 +298,26 @@
         renderInto(this.element, this.text);
         return;
       }
-      if (this.frame === null) {
+      if (this.frame !== null || this.timer !== null) return;
+      const render = () => {
+        this.timer = null;
         this.frame = window.requestAnimationFrame(() => {
           this.frame = null;
           this.renderFrame();
         });
+      };
+      const wait = this.notBefore - performance.now();
+      if (wait > 0) {
+        this.timer = window.setTimeout(render, wait);
+      } else {
+        render();
       }
     }
 
     finish() {
+      if (this.timer !== null) window.clearTimeout(this.timer);
       if (this.frame !== null) window.cancelAnimationFrame(this.frame);
-      this.frame = null;
+      this.timer = this.frame = null;
       this.finished = true;
       renderInto(this.element, this.text);
       this.renderedChars += this.text.length;
@@ -337,6 +349,7 @@
     }
 
     renderFrame() {
+      const started = performance.now();
       this.renderCount += 1;
       for (const node of this.tailNodes) node.remove();
 
@@ -353,6 +366,14 @@
 
       this.tailNodes = this.renderNodes(this.text.slice(this.settledLength));
       this.element.append(...this.tailNodes);
+
+      // The tail (after the last blank line outside a code fence) is rendered
+      // again each time. One long paragraph or code block makes that grow with
+      // the reply, so wait three times as long as this render took: rendering
+      // then keeps at most about a quarter of the main thread, whatever the length.
+      const took = performance.now() - started;
+      this.renderMs += took;
+      this.notBefore = performance.now() + 3 * took;
     }
 
     renderNodes(text) {

@@ -603,3 +603,40 @@ def test_stream_long_reply_linear_work(harness):
     # Re-rendering everything per frame would be ~len(batches)/2 times the text.
     assert result["streamedChars"] < 3 * len(text)
     assert result["paragraphs"] > 100
+
+
+def test_stream_one_long_code_block_keeps_the_page_responsive(harness):
+    """One 20,000-line code block never settles, so its tail is re-rendered; the
+    renders back off so that they keep at most a share of the main thread."""
+    lines = [f"value_{i} = compute({i}, 'text')  # line {i}\n" for i in range(20_000)]
+    batches = ["```python\n"] + ["".join(lines[i : i + 50]) for i in range(0, len(lines), 50)]
+    batches.append("```\n")
+
+    result = harness.page.evaluate(
+        """async (batches) => {
+             const frame = () => new Promise((resolve) => requestAnimationFrame(() => resolve()));
+             const el = document.getElementById("stream");
+             const view = new ChatRender.StreamView(el);
+             const started = performance.now();
+             for (const batch of batches) {
+               view.append(batch);
+               await frame();
+             }
+             const elapsed = performance.now() - started;
+             const busy = view.renderMs;
+             view.finish();
+             const reference = document.getElementById("reference");
+             ChatRender.renderInto(reference, batches.join(""));
+             return {
+               busyShare: busy / elapsed,
+               renders: view.renderCount,
+               same: el.innerHTML === reference.innerHTML,
+             };
+           }""",
+        batches,
+    )
+
+    assert result["same"]
+    assert result["renders"] >= 2  # it did render while streaming
+    # Rendering every frame would take nearly all of it (each render outlasts a frame).
+    assert result["busyShare"] < 0.6, result
