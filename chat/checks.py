@@ -26,3 +26,15 @@ def signup_mode_check(app_configs, **kwargs):
             )
         ]
     return []
+
+
+@register()
+def default_chat_settings_check(app_configs, **kwargs):
+    """CHAT_DEFAULT_TEMPERATURE must be what the settings form itself accepts."""
+    from .services import InputError, conversation_settings_parse
+
+    try:
+        conversation_settings_parse({})
+    except InputError as exc:
+        return [Error(f"CHAT_DEFAULT_SYSTEM_PROMPT / _TEMPERATURE: {exc}", id="chat.E003")]
+    return []

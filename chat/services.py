@@ -542,13 +542,19 @@ def _optional_number(raw: str, kind: type, name: str, low, high):
 
 
 def conversation_settings_parse(data) -> dict:
-    """The generation settings from a form (empty = the site's default), validated."""
-    system_prompt = clean_text(data.get("system_prompt", "")).strip()
+    """The generation settings from a form, validated.
+
+    A field the form leaves out takes the site's default (CHAT_DEFAULT_*); an
+    empty one means the model's own default (or no system prompt).
+    """
+    system_prompt = data.get("system_prompt", settings.CHAT_DEFAULT_SYSTEM_PROMPT)
+    system_prompt = clean_text(system_prompt).strip()
     if len(system_prompt) > settings.CHAT_MAX_MESSAGE_CHARS:
         raise InputError("The system prompt is too long.", status=413)
+    temperature = data.get("temperature", settings.CHAT_DEFAULT_TEMPERATURE)
     return {
         "system_prompt": system_prompt,
-        "temperature": _optional_number(data.get("temperature"), float, "Temperature", 0.0, 2.0),
+        "temperature": _optional_number(temperature, float, "Temperature", 0.0, 2.0),
         "max_tokens": _optional_number(
             data.get("max_tokens"), int, "Maximum reply length", 1, settings.CHAT_MAX_TOKENS
         ),

@@ -92,6 +92,8 @@ async def _page_context(request: HttpRequest, conversation: Conversation | None)
         "selected_model": selected,
         "max_message_chars": settings.CHAT_MAX_MESSAGE_CHARS,
         "max_tokens_limit": settings.CHAT_MAX_TOKENS,
+        "default_system_prompt": settings.CHAT_DEFAULT_SYSTEM_PROMPT,
+        "default_temperature": settings.CHAT_DEFAULT_TEMPERATURE,
         "theme": await run_db(services.preference_theme, user),
     }
 

@@ -222,6 +222,10 @@ LOCAL_MODEL_CONTEXT = env_int("LOCAL_MODEL_CONTEXT", 2048)
 # The deterministic fake model, for development and tests.
 CHAT_FAKE_MODEL = env_bool("CHAT_FAKE_MODEL", False)
 CHAT_DEFAULT_MODEL = os.environ.get("CHAT_DEFAULT_MODEL", "")
+# What a new chat's settings panel starts with; each chat can change them.
+CHAT_DEFAULT_SYSTEM_PROMPT = os.environ.get("CHAT_DEFAULT_SYSTEM_PROMPT", "")
+# Empty: the model's own default. A string, validated like the form's field (chat.checks).
+CHAT_DEFAULT_TEMPERATURE = os.environ.get("CHAT_DEFAULT_TEMPERATURE", "").strip()
 
 # Limits (cases.md: unbounded use, oversized input).
 CHAT_MAX_MESSAGE_CHARS = env_int("CHAT_MAX_MESSAGE_CHARS", 100_000)

@@ -128,6 +128,16 @@ def scripted(monkeypatch):
     return provider
 
 
+@pytest.fixture
+def fake_provider(monkeypatch):
+    """The deterministic fake models, counting the streams started (`started`)."""
+    from chat.llm.fake import FakeProvider
+
+    provider = FakeProvider()
+    monkeypatch.setattr(chat.llm, "configured_providers", lambda: [provider])
+    return provider
+
+
 def session_cookies(user) -> str:
     client = Client()
     client.force_login(user)

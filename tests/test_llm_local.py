@@ -80,6 +80,23 @@ async def test_local_model_stop_ends_generation_early(provider):
     assert provider.tokens_generated - before < 10  # not the 200 it was asked for
 
 
+async def test_local_model_runs_one_generation_at_a_time_others_queue(provider):
+    events: list[tuple[str, str]] = []
+
+    async def consume(name: str, prompt: str) -> None:
+        async for delta in provider.stream([ChatMessage("user", prompt)], _params(8)):
+            kind = "text" if delta.text else "end"
+            if kind == "end" or not events or events[-1] != (name, "text"):
+                events.append((name, kind))
+
+    await asyncio.gather(consume("a", "Name a colour."), consume("b", "Name a fruit."))
+    # Both complete, and the second starts only once the first has ended.
+    assert events[-1][1] == "end"
+    first = events[0][0]
+    second = "b" if first == "a" else "a"
+    assert events == [(first, "text"), (first, "end"), (second, "text"), (second, "end")]
+
+
 @pytest.mark.django_db(transaction=True)
 async def test_chat_page_streams_the_embedded_model(user, asgi_login, settings):
     from chat.models import Message

@@ -73,6 +73,38 @@ def test_html_in_titles_is_escaped(alice, user):
     assert "&lt;img src=x onerror=alert(1)&gt;" in html
 
 
+EVIL = "<img src=x onerror=alert(1)>"
+
+
+class EvilNamedProvider:
+    """An upstream whose model id is HTML (ids come from its /v1/models)."""
+
+    name = "evil"
+
+    async def list_models(self) -> list[str]:
+        return [EVIL]
+
+
+def test_html_in_user_and_model_names_is_escaped(client, django_user_model, monkeypatch):
+    import chat.llm
+
+    monkeypatch.setattr(chat.llm, "configured_providers", lambda: [EvilNamedProvider()])
+    evil_user = django_user_model.objects.create_user(username=EVIL, password="pw-evil-123!")
+    chat = services.conversation_create(owner=evil_user, model=EVIL, title="t")
+    services.message_send(conversation=chat, content="hi", model=EVIL)
+    client.force_login(evil_user)
+    html = client.get("/").content.decode()
+    assert EVIL not in html
+    assert "&lt;img src=x onerror=alert(1)&gt;" in html  # the user name and the picker
+
+    admin = django_user_model.objects.create_superuser("root", password="pw-root-123!")
+    client.force_login(admin)
+    for path in ["/admin/chat/conversation/", "/admin/chat/message/", "/admin/auth/user/"]:
+        page = client.get(path).content.decode()
+        assert EVIL not in page
+        assert "&lt;img src=x onerror=alert(1)&gt;" in page, path
+
+
 @pytest.mark.parametrize(
     "route",
     [
@@ -83,7 +115,9 @@ def test_html_in_titles_is_escaped(alice, user):
         "chat:reply_regenerate",
     ],
 )
-def test_other_users_ids_get_404_without_writes(client, other_user, conversation, route):
+def test_other_users_ids_get_404_without_writes(
+    client, other_user, conversation, route, fake_provider
+):
     client.force_login(other_user)
     reply = conversation.messages.get(role="assistant")
     args = (
@@ -97,6 +131,7 @@ def test_other_users_ids_get_404_without_writes(client, other_user, conversation
     assert response.status_code == 404
     assert Message.objects.count() == before
     assert Conversation.objects.filter(owner=other_user).count() == 0
+    assert fake_provider.started == 0  # no upstream call
 
 
 def test_message_id_from_another_conversation_gets_404(alice, user, conversation):
@@ -136,6 +171,42 @@ def test_pages_have_no_inline_scripts(alice, conversation):
         tag = chunk.split(">", 1)[0]
         assert "src=" in tag, f"inline script: <script{tag}>"
         assert chunk.split(">", 1)[1].startswith("</script>")
+
+
+def _assert_strict_page(response) -> None:
+    assert response.status_code == 200
+    assert response["X-Frame-Options"] == "DENY"
+    csp = response["Content-Security-Policy"]
+    script_src = next(part for part in csp.split(";") if part.strip().startswith("script-src"))
+    assert script_src.strip() == "script-src 'self'"
+    html = response.content.decode()
+    for chunk in html.split("<script")[1:]:
+        tag = chunk.split(">", 1)[0]
+        if 'type="application/json"' in tag:  # data, never executed
+            continue
+        assert "src=" in tag, f"inline script: <script{tag}>"
+        assert chunk.split(">", 1)[1].lstrip().startswith("</script>")
+
+
+@pytest.mark.parametrize("path", ["/accounts/login/", "/accounts/signup/", "/admin/login/"])
+def test_anonymous_pages_have_strict_csp_and_no_inline_scripts(client, path, settings):
+    settings.SIGNUP_MODE = "open"
+    _assert_strict_page(client.get(path))
+
+
+def test_signed_in_pages_have_strict_csp_and_no_inline_scripts(client, admin_user, conversation):
+    client.force_login(admin_user)
+    reply = conversation.messages.get(role="assistant")
+    for path in [
+        "/keys/",
+        "/accounts/password_change/",
+        "/admin/",
+        "/admin/chat/conversation/",
+        f"/admin/chat/conversation/{conversation.pk}/change/",
+        "/admin/chat/message/",
+        f"/admin/chat/message/{reply.pk}/change/",
+    ]:
+        _assert_strict_page(client.get(path))
 
 
 def test_malformed_body_is_a_clear_400(alice, settings):
@@ -223,7 +294,7 @@ def _snapshot(conversation):
 
 @pytest.mark.parametrize(("method", "route", "per_message"), OWNED_ROUTES)
 def test_new_routes_give_404_for_another_users_conversation(
-    client, other_user, conversation, method, route, per_message
+    client, other_user, conversation, method, route, per_message, fake_provider
 ):
     client.force_login(other_user)
     message = conversation.messages.get(role="user")
@@ -234,6 +305,7 @@ def test_new_routes_give_404_for_another_users_conversation(
     assert response.status_code == 404
     assert _snapshot(conversation) == before
     assert Conversation.objects.filter(pk=conversation.pk).exists()
+    assert fake_provider.started == 0  # no upstream call
 
 
 @pytest.mark.parametrize(
@@ -338,6 +410,31 @@ def test_new_chat_takes_settings_with_its_first_message(alice):
     assert response.status_code == 200
     conversation = Conversation.objects.get()
     assert (conversation.system_prompt, conversation.max_tokens) == ("Pirate.", 9)
+
+
+def test_new_chat_panel_starts_from_the_site_defaults(alice, settings):
+    settings.CHAT_DEFAULT_SYSTEM_PROMPT = "Be <brief>."
+    settings.CHAT_DEFAULT_TEMPERATURE = "0.3"
+    html = alice.get("/").content.decode()
+    assert ">Be &lt;brief&gt;.</textarea>" in html
+    assert 'name="temperature"' in html and 'value="0.3"' in html
+    # A client that leaves the fields out gets the defaults too; a blank field is "none".
+    alice.post("/c/send/", {"content": "hi", "model": "fake"})
+    alice.post(
+        "/c/send/", {"content": "hi", "model": "fake", "system_prompt": "", "temperature": ""}
+    )
+    first, second = Conversation.objects.order_by("id")
+    assert (first.system_prompt, first.temperature) == ("Be <brief>.", 0.3)
+    assert (second.system_prompt, second.temperature) == ("", None)
+
+
+def test_check_refuses_a_bad_default_temperature(settings):
+    from django.core.management import call_command
+    from django.core.management.base import SystemCheckError
+
+    settings.CHAT_DEFAULT_TEMPERATURE = "hot"
+    with pytest.raises(SystemCheckError, match="chat.E003"):
+        call_command("check")
 
 
 def test_long_conversation_opens_on_its_latest_page(alice, conversation):

@@ -130,7 +130,8 @@ async def test_checkpoint_stores_text_while_streaming(user, scripted, asgi_login
     await _wait_finished(start["assistant_message"])
 
 
-async def test_stop_closes_upstream_and_keeps_text(user, scripted, asgi_login):
+async def test_stop_closes_upstream_and_keeps_text(user, scripted, asgi_login, monkeypatch):
+    writes = await _count_writes(monkeypatch)
     cookie = await asgi_login(user)
     stream = await _send(cookie)
     events = stream.events()
@@ -151,9 +152,13 @@ async def test_stop_closes_upstream_and_keeps_text(user, scripted, asgi_login):
     reply = await _wait_finished(start["assistant_message"])
     assert reply.status == Message.Status.STOPPED
     assert reply.content == "kept text"
+    assert writes["finish"] == 1  # exactly one final save
 
 
-async def test_client_disconnect_lets_reply_finish_and_save(user, scripted, asgi_login):
+async def test_client_disconnect_lets_reply_finish_and_save(
+    user, scripted, asgi_login, monkeypatch
+):
+    writes = await _count_writes(monkeypatch)
     stream = await _send(await asgi_login(user))
     events = stream.events()
     _, start = await anext(events)
@@ -167,6 +172,7 @@ async def test_client_disconnect_lets_reply_finish_and_save(user, scripted, asgi
     reply = await _wait_finished(start["assistant_message"])
     assert reply.status == Message.Status.COMPLETE
     assert reply.content == "before after"
+    assert writes["finish"] == 1  # exactly one final save
 
 
 async def test_resume_replays_stored_text_then_tails(user, scripted, asgi_login):
@@ -211,7 +217,10 @@ async def test_resume_of_finished_reply_sends_stored_text_and_end(user, scripted
     ]
 
 
-async def test_upstream_error_before_first_token_saves_error_row(user, scripted, asgi_login):
+async def test_upstream_error_before_first_token_saves_error_row(
+    user, scripted, asgi_login, monkeypatch
+):
+    writes = await _count_writes(monkeypatch)
     stream = await _send(await asgi_login(user))
     events = stream.events()
     _, start = await anext(events)
@@ -224,6 +233,7 @@ async def test_upstream_error_before_first_token_saves_error_row(user, scripted,
     assert reply.status == Message.Status.ERROR
     assert reply.error == "The model server failed (HTTP 500)."
     assert reply.content == ""
+    assert writes["finish"] == 1  # exactly one final save
     # The user's message is kept and the conversation stays usable.
     assert await Message.objects.filter(pk=start["user_message"]).aexists()
     cookie = dict(stream.communicator.scope["headers"])[b"cookie"].decode()
@@ -234,7 +244,8 @@ async def test_upstream_error_before_first_token_saves_error_row(user, scripted,
     assert (await _wait_finished(start2["assistant_message"])).content == "works"
 
 
-async def test_upstream_cut_mid_reply_keeps_partial_text(user, scripted, asgi_login):
+async def test_upstream_cut_mid_reply_keeps_partial_text(user, scripted, asgi_login, monkeypatch):
+    writes = await _count_writes(monkeypatch)
     stream = await _send(await asgi_login(user))
     events = stream.events()
     _, start = await anext(events)
@@ -247,6 +258,7 @@ async def test_upstream_cut_mid_reply_keeps_partial_text(user, scripted, asgi_lo
     reply = await _wait_finished(start["assistant_message"])
     assert (reply.status, reply.content) == (Message.Status.ERROR, "partial")
     assert "lost" in reply.error
+    assert writes["finish"] == 1  # exactly one final save
 
 
 async def test_heartbeat_while_upstream_is_silent(user, scripted, asgi_login, settings):

@@ -57,6 +57,8 @@ def test_regenerate_keeps_both_versions_and_switches_between_them(page_for, user
     reply.get_by_role("button", name="Previous version").click()
     expect(_last_reply(page).locator(".version-count")).to_have_text("1 / 2")
     expect(_last_reply(page).locator(".message-body")).to_have_text("Echo: hello versions")
+    # Focus the arrow of the swapped-in reply, not of the one being replaced.
+    expect(page.locator(".htmx-settling, .htmx-request")).to_have_count(0)
     next_version = _last_reply(page).get_by_role("button", name="Next version")
     next_version.focus()
     page.keyboard.press("Enter")
