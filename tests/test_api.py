@@ -14,8 +14,9 @@ from django.core.management import call_command
 from django.test import Client
 
 from chat import services
-from chat.models import ApiKey, Conversation
-from tests.conftest import wait_for_reply
+from chat.models import ApiKey, Conversation, Message
+from tests.conftest import session_cookies, wait_for_reply
+from tests.live import LiveServer
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -390,3 +391,128 @@ def test_nul_and_lone_surrogate_reach_upstream_as_stored(daphne_server, api_key)
     conversation = Conversation.objects.get()
     assert conversation.messages.get(role="user").content == "a\ufffdb \ufffdc"
     assert conversation.messages.get(role="assistant").content == answer
+
+
+def _sse_payloads(raw: bytes) -> list:
+    return [
+        json.loads(line[6:])
+        for line in raw.decode().split("\n")
+        if line.startswith("data: ") and line != "data: [DONE]"
+    ]
+
+
+def test_stream_without_include_usage_has_no_usage_field(daphne_server, api_key):
+    body = json.dumps(
+        {"model": "fake-echo", "stream": True, "messages": [{"role": "user", "content": "a b"}]}
+    )
+    headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
+    status, data = _raw(daphne_server, "POST", "/v1/chat/completions", body, headers)
+    assert status == 200
+    chunks = _sse_payloads(data)
+    assert len(chunks) >= 3
+    assert all("usage" not in chunk for chunk in chunks)
+    assert data.rstrip().endswith(b"data: [DONE]")
+
+
+@pytest.fixture
+def limited_server(upstream, django_db_blocker):
+    with django_db_blocker.unblock():
+        server = LiveServer(
+            upstream_url=upstream.base_url,
+            extra_env={"CHAT_MAX_TOKENS": "5", "CHAT_MAX_CONCURRENT_REPLIES": "1"},
+        )
+    yield server
+    server.stop()
+
+
+def _open_stall_stream(server, api_key) -> socket.socket:
+    """A streaming request to fake-stall, read up to its two tokens (then it is silent)."""
+    body = json.dumps(
+        {"model": "fake-stall", "stream": True, "messages": [{"role": "user", "content": "x"}]}
+    ).encode()
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    sock.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        + f"Authorization: Bearer {api_key}\r\nContent-Type: application/json\r\n".encode()
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    received = b""
+    while received.count(b'"content":"') < 2:
+        received += sock.recv(65536)
+    return sock
+
+
+def test_server_caps_max_tokens_and_concurrent_replies_for_the_api(limited_server, api_key):
+    api = openai.OpenAI(base_url=f"{limited_server.url}/v1", api_key=api_key, max_retries=0)
+    completion = api.chat.completions.create(
+        model="fake-count", max_tokens=1000, messages=[{"role": "user", "content": "count"}]
+    )
+    assert completion.choices[0].message.content.split() == [f"tok{i}" for i in range(5)]
+    assert completion.choices[0].finish_reason == "length"
+
+    held = _open_stall_stream(limited_server, api_key)
+    try:
+        with pytest.raises(openai.RateLimitError) as info:
+            api.chat.completions.create(
+                model="fake-echo", messages=[{"role": "user", "content": "second"}]
+            )
+        assert info.value.status_code == 429
+        assert info.value.body["type"] == "rate_limit_error"
+    finally:
+        held.close()
+    wait_for_reply({"interrupted"})
+
+
+def test_non_streaming_client_that_leaves_abandons_the_reply(daphne_server, api_key, upstream):
+    before = upstream.stats["abandoned"]
+    body = json.dumps(
+        {"model": "fake-stall", "messages": [{"role": "user", "content": "x"}]}
+    ).encode()
+    sock = socket.create_connection(("127.0.0.1", daphne_server.port), timeout=10)
+    sock.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        + f"Authorization: Bearer {api_key}\r\nContent-Type: application/json\r\n".encode()
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    deadline = time.monotonic() + 5
+    while not Message.objects.filter(role="assistant").exclude(content="").exists():
+        assert time.monotonic() < deadline, "no token checkpointed"
+        time.sleep(0.05)
+    sock.close()  # the client gives up while the upstream is silent
+    reply = wait_for_reply({"interrupted"}, timeout=5)
+    assert reply.content  # what it had is kept
+    deadline = time.monotonic() + 3
+    while upstream.stats["abandoned"] == before and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert upstream.stats["abandoned"] == before + 1
+
+
+def test_api_reply_stopped_from_the_chat_page(daphne_server, api_key, user):
+    sock = _open_stall_stream(daphne_server, api_key)
+    reply = Message.objects.get(role="assistant")
+    conn = http.client.HTTPConnection("127.0.0.1", daphne_server.port, timeout=10)
+    conn.request(
+        "POST",
+        f"/c/{reply.conversation_id}/m/{reply.pk}/stop/",
+        headers={"Cookie": session_cookies(user), "X-CSRFToken": "a" * 32},
+    )
+    response = conn.getresponse()
+    assert (response.status, json.loads(response.read())) == (200, {"status": "stopped"})
+    rest = b""
+    while b"[DONE]" not in rest:
+        data = sock.recv(65536)
+        assert data, "the stream closed without [DONE]"
+        rest += data
+    sock.close()
+    reply.refresh_from_db()
+    assert reply.status == Message.Status.STOPPED and reply.content
+
+
+def test_api_conversations_are_listed_in_admin(client, admin_user):
+    client.chat.completions.create(model="fake-echo", messages=[{"role": "user", "content": "x"}])
+    page = Client()
+    page.force_login(admin_user)
+    html = page.get("/admin/chat/conversation/", {"source": "api"}).content.decode()
+    assert "laptop" in html  # the key's name
