@@ -46,6 +46,32 @@ def _raw(daphne_server, method, path, body=None, headers=None):
     return response.status, data
 
 
+def _send_raw(server, api_key, payload: dict) -> socket.socket:
+    """POST /v1/chat/completions on a bare socket, so the test can leave mid-reply."""
+    body = json.dumps(payload).encode()
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    sock.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        + f"Authorization: Bearer {api_key}\r\nContent-Type: application/json\r\n".encode()
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    return sock
+
+
+def _open_stall_stream(server, api_key) -> socket.socket:
+    """A streaming request to fake-stall, read up to its two tokens (then it is silent)."""
+    sock = _send_raw(
+        server,
+        api_key,
+        {"model": "fake-stall", "stream": True, "messages": [{"role": "user", "content": "x"}]},
+    )
+    received = b""
+    while received.count(b'"content":"') < 2:
+        received += sock.recv(65536)
+    return sock
+
+
 def test_models_list(client):
     ids = [m.id for m in client.models.list()]
     assert "fake-echo" in ids and "fake-slow" in ids
@@ -317,20 +343,7 @@ def test_upstream_error_mid_stream_raises_in_client(client):
 
 def test_client_disconnect_abandons_reply_and_closes_upstream(daphne_server, api_key, upstream):
     before = upstream.stats["abandoned"]
-    body = json.dumps(
-        {"model": "fake-stall", "stream": True, "messages": [{"role": "user", "content": "x"}]}
-    ).encode()
-    sock = socket.create_connection(("127.0.0.1", daphne_server.port))
-    sock.sendall(
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-        + f"Authorization: Bearer {api_key}\r\nContent-Type: application/json\r\n".encode()
-        + f"Content-Length: {len(body)}\r\n\r\n".encode()
-        + body
-    )
-    received = b""
-    while received.count(b'"content":"') < 2:  # the two tokens before the stall
-        received += sock.recv(65536)
-    sock.close()
+    _open_stall_stream(daphne_server, api_key).close()
     reply = wait_for_reply({"interrupted"}, timeout=5)
     assert reply.content  # the tokens it had are kept
     deadline = time.monotonic() + 3
@@ -425,24 +438,6 @@ def limited_server(upstream, django_db_blocker):
     server.stop()
 
 
-def _open_stall_stream(server, api_key) -> socket.socket:
-    """A streaming request to fake-stall, read up to its two tokens (then it is silent)."""
-    body = json.dumps(
-        {"model": "fake-stall", "stream": True, "messages": [{"role": "user", "content": "x"}]}
-    ).encode()
-    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
-    sock.sendall(
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-        + f"Authorization: Bearer {api_key}\r\nContent-Type: application/json\r\n".encode()
-        + f"Content-Length: {len(body)}\r\n\r\n".encode()
-        + body
-    )
-    received = b""
-    while received.count(b'"content":"') < 2:
-        received += sock.recv(65536)
-    return sock
-
-
 def test_server_caps_max_tokens_and_concurrent_replies_for_the_api(limited_server, api_key):
     api = openai.OpenAI(base_url=f"{limited_server.url}/v1", api_key=api_key, max_retries=0)
     completion = api.chat.completions.create(
@@ -466,15 +461,10 @@ def test_server_caps_max_tokens_and_concurrent_replies_for_the_api(limited_serve
 
 def test_non_streaming_client_that_leaves_abandons_the_reply(daphne_server, api_key, upstream):
     before = upstream.stats["abandoned"]
-    body = json.dumps(
-        {"model": "fake-stall", "messages": [{"role": "user", "content": "x"}]}
-    ).encode()
-    sock = socket.create_connection(("127.0.0.1", daphne_server.port), timeout=10)
-    sock.sendall(
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-        + f"Authorization: Bearer {api_key}\r\nContent-Type: application/json\r\n".encode()
-        + f"Content-Length: {len(body)}\r\n\r\n".encode()
-        + body
+    sock = _send_raw(
+        daphne_server,
+        api_key,
+        {"model": "fake-stall", "messages": [{"role": "user", "content": "x"}]},
     )
     deadline = time.monotonic() + 5
     while not Message.objects.filter(role="assistant").exclude(content="").exists():
