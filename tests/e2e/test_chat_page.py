@@ -482,3 +482,57 @@ def test_only_the_newest_reply_offers_regenerate(page_for, user):
     expect(_last_reply(page)).to_have_attribute("data-status", "complete")
     expect(page.locator("article.message")).to_have_count(4)
     expect(_last_reply(page).locator(".message-body")).to_have_text("Echo: two")
+
+
+@pytest.fixture
+def faulty_servers(upstream, django_db_blocker):
+    """Two more daphnes: one whose model server is down, one that times out in 1 s."""
+    from tests.live import LiveServer, free_port
+
+    with django_db_blocker.unblock():
+        down = LiveServer(
+            upstream_url=f"http://127.0.0.1:{free_port()}/v1",  # nothing listens there
+            extra_env={"OPENAI_MODELS": "fake-echo", "OPENAI_CONNECT_TIMEOUT": "2"},
+        )
+        slow = LiveServer(upstream_url=upstream.base_url, extra_env={"OPENAI_READ_TIMEOUT": "1"})
+    yield down, slow
+    down.stop()
+    slow.stop()
+
+
+def test_upstream_down_and_timeout_show_inline_with_retry(browser, faulty_servers, user):
+    from tests.e2e.conftest import login_cookie
+
+    for server, model, reason in [
+        (faulty_servers[0], "fake-echo", "Could not connect to the model server"),
+        (faulty_servers[1], "fake-stall", "timed out after 1 s"),
+    ]:
+        context = browser.new_context(base_url=server.url)
+        context.add_cookies([login_cookie(user, server)])
+        page = context.new_page()
+        page.goto("/")
+        reply = _send(page, "anyone there?", model)
+        expect(reply).to_have_attribute("data-status", "error")
+        expect(reply.locator(".status")).to_have_text("Error")
+        expect(reply.locator(".error-text")).to_contain_text(reason)
+        expect(reply.get_by_role("button", name="Retry")).to_be_visible()
+        assert Message.objects.filter(role="user", content="anyone there?").exists()
+        context.close()
+
+
+def test_interrupted_reply_says_so_and_offers_retry(page_for, user):
+    conversation = services.conversation_create(owner=user, model="fake-echo", title="cut")
+    _, reply = services.message_send(conversation=conversation, content="q", model="fake-echo")
+    services.reply_finish(
+        message_id=reply.pk,
+        content="half an ans",
+        status="interrupted",
+        error="The server stopped before this reply finished.",
+    )
+    page = page_for(user)
+    page.goto(f"/c/{conversation.pk}/")
+    article = _last_reply(page)
+    expect(article).to_have_attribute("data-status", "interrupted")
+    expect(article.locator(".status")).to_have_text("Interrupted")
+    expect(article.locator(".message-body")).to_have_text("half an ans")
+    expect(article.get_by_role("button", name="Retry")).to_be_visible()
