@@ -38,7 +38,12 @@ class ChatASGIHandler(ASGIHandler):
 
 django.setup(set_prefix=False)
 
-from chat.replies import sweeper_ensure  # noqa: E402  (needs the apps loaded)
+from chat import llm  # noqa: E402  (needs the apps loaded)
+from chat.replies import sweeper_ensure  # noqa: E402
+
+# Build the model providers now: importing the openai package alone takes ~2 s
+# here, which would otherwise be paid by the first user's request.
+llm.configured_providers()
 
 application = ChatASGIHandler()
 

@@ -432,7 +432,11 @@ def limited_server(upstream, django_db_blocker):
     with django_db_blocker.unblock():
         server = LiveServer(
             upstream_url=upstream.base_url,
-            extra_env={"CHAT_MAX_TOKENS": "5", "CHAT_MAX_CONCURRENT_REPLIES": "1"},
+            extra_env={
+                "CHAT_MAX_TOKENS": "5",
+                "CHAT_MAX_CONCURRENT_REPLIES": "1",
+                "CHAT_HEARTBEAT_SECONDS": "0.2",
+            },
         )
     yield server
     server.stop()
@@ -506,3 +510,26 @@ def test_api_conversations_are_listed_in_admin(client, admin_user):
     page.force_login(admin_user)
     html = page.get("/admin/chat/conversation/", {"source": "api"}).content.decode()
     assert "laptop" in html  # the key's name
+
+
+def test_stream_starts_with_a_heartbeat_when_the_first_token_is_late(limited_server, api_key):
+    """The response waits for the first token, but never past a heartbeat interval."""
+    sock = _send_raw(
+        limited_server,
+        api_key,
+        {"model": "fake-late", "stream": True, "messages": [{"role": "user", "content": "x"}]},
+    )
+    received = b""
+    while b": ping" not in received:
+        data = sock.recv(65536)
+        assert data, received
+        received += data
+    # Headers and a heartbeat went out first; the token came 1 s after it was asked for.
+    assert received.startswith(b"HTTP/1.1 200")
+    assert b'"content":"late' not in received
+    while b"[DONE]" not in received:
+        data = sock.recv(65536)
+        assert data, received
+        received += data
+    sock.close()
+    assert b'"content":"late ' in received

