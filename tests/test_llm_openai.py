@@ -132,6 +132,13 @@ async def test_stream_upstream_error_is_safe_provider_error(provider, upstream, 
     assert info.value.__cause__ is None
 
 
+async def test_stream_redirect_is_not_followed(provider, upstream):
+    started = upstream.stats["started"]
+    with pytest.raises(ProviderError, match="HTTP 307"):
+        await collect(provider, "fake-redirect")
+    assert upstream.stats["started"] == started + 1  # the redirect target was never asked
+
+
 async def test_stream_unknown_model_is_provider_error(provider, upstream):
     with pytest.raises(ProviderError, match="HTTP 404") as info:
         await collect(provider, "no-such-model")

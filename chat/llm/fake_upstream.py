@@ -60,6 +60,8 @@ Models:
 * ``fake-xss``: a hostile string cut into 3-character chunks.
 * ``fake-slow``: like fake-echo with 200 ms between tokens.
 * ``fake-late``: silence for 1 s before its first token, then "late reply".
+* ``fake-redirect``: a 307 to this server's own chat-completions URL (a client
+  that follows it shows up as a second ``started``).
 """
 
 from __future__ import annotations
@@ -89,6 +91,7 @@ MODELS = (
     "fake-xss",
     "fake-slow",
     "fake-late",
+    "fake-redirect",
 )
 
 SECRET_DETAIL = "UPSTREAM-SECRET-DETAIL"
@@ -479,6 +482,11 @@ class FakeUpstream:
         outcome = "abandoned"
         script = None
         try:
+            if model == "fake-redirect":
+                location = f"Location: {self.base_url}/chat/completions\r\n"
+                await self._send(conn, 307, b"", keep_alive, extra=location)
+                outcome = "completed"
+                return keep_alive
             if model in _ERRORS:
                 status, type_, code = _ERRORS[model]
                 msg = f"{SECRET_DETAIL}: simulated {status} from the fake upstream"
