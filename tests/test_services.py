@@ -431,3 +431,36 @@ def test_new_chat_is_all_or_nothing(user, settings):
         services.conversation_start(owner=user, model="fake", content="hi", chat_settings={})
     assert not Conversation.objects.exists()
     assert not Message.objects.exists()
+
+
+@pytest.mark.django_db
+def test_api_conversation_rows_are_stored_whole(user):
+    key, _ = services.api_key_create(owner=user, name="script")
+    before = timezone.now()
+    conversation, reply = services.api_conversation_create(
+        key=key,
+        model="fake",
+        messages=[
+            ("system", "Be terse."),
+            ("user", "first\x00"),
+            ("assistant", "an earlier answer"),
+            ("user", "second"),
+        ],
+        max_tokens=7,
+        temperature=0.5,
+    )
+    stored = Conversation.objects.get(pk=conversation.pk)
+    assert (stored.owner, stored.source, stored.api_key_name) == (user, "api", "script")
+    assert (stored.system_prompt, stored.max_tokens, stored.temperature) == ("Be terse.", 7, 0.5)
+    assert (stored.title, stored.archived, stored.title_locked) == ("first\ufffd", False, False)
+    assert stored.current_leaf_id == reply.pk and stored.created >= before
+    rows = list(stored.messages.order_by("id"))
+    assert [(m.role, m.content, m.status) for m in rows] == [
+        ("user", "first\ufffd", "complete"),
+        ("assistant", "an earlier answer", "complete"),
+        ("user", "second", "complete"),
+        ("assistant", "", "streaming"),
+    ]
+    assert [m.parent_id for m in rows] == [None, rows[0].pk, rows[1].pk, rows[2].pk]
+    assert rows[-1].pk == reply.pk and rows[-1].model == "fake"
+    assert all(m.created >= before and m.updated == m.created for m in rows)
