@@ -183,7 +183,7 @@ def message_send(
             role=Message.Role.USER,
             content=content,
         )
-        assistant = _reply_row_create(conversation=locked, parent=user_message, model=model)
+        assistant = _reply_row_create(conversation=locked, parent_id=user_message.pk, model=model)
     conversation.current_leaf = assistant
     conversation.model = model
     return user_message, assistant
@@ -202,18 +202,19 @@ def conversation_start(
     return conversation, user_message, assistant
 
 
-def _reply_row_create(*, conversation: Conversation, parent: Message | None, model: str) -> Message:
+def _reply_row_create(*, conversation: Conversation, parent_id: int | None, model: str) -> Message:
     """The empty `streaming` assistant row a new reply fills, made the current leaf.
 
     Called inside the caller's transaction, which holds the conversation row.
     """
-    assistant = Message.objects.create(
+    assistant = Message(
         conversation=conversation,
-        parent=parent,
+        parent_id=parent_id,
         role=Message.Role.ASSISTANT,
         status=Message.Status.STREAMING,
         model=model,
     )
+    assistant.pk = _row_insert(assistant)
     conversation.current_leaf = assistant
     conversation.model = model
     conversation.save(update_fields=["current_leaf", "model", "updated"])
@@ -232,8 +233,8 @@ def api_conversation_create(
     """Store one API call as a conversation: its messages, then a streaming reply row.
 
     Every API request pays for this before its first token, so the rows go in
-    as plain INSERTs (_row_insert), not through create(), whose statement
-    building cost more than the database's work.
+    as plain INSERTs (_row_insert, as the reply row always does), not through
+    create(), whose statement building cost more than the database's work.
     """
     check_reply_quota(key.owner_id)
     system = "\n\n".join(clean_text(content) for role, content in messages if role == "system")
@@ -257,17 +258,7 @@ def api_conversation_create(
                 conversation_id=conversation.pk, parent_id=parent_id, role=role, content=content
             )
             parent_id = _row_insert(message)
-        assistant = Message(
-            conversation_id=conversation.pk,
-            parent_id=parent_id,
-            role=Message.Role.ASSISTANT,
-            status=Message.Status.STREAMING,
-            model=model,
-        )
-        assistant.pk = _row_insert(assistant)
-        Conversation.objects.filter(pk=conversation.pk).update(current_leaf_id=assistant.pk)
-    conversation.current_leaf_id = assistant.pk
-    _count_reply(key.owner_id)
+        assistant = _reply_row_create(conversation=conversation, parent_id=parent_id, model=model)
     return conversation, assistant
 
 
@@ -304,7 +295,9 @@ def _row_insert(obj) -> int:
         )
     with db.cursor() as cursor:
         cursor.execute(sql, values)
-        return cursor.fetchone()[0]
+        pk = cursor.fetchone()[0]
+    obj._state.adding, obj._state.db = False, db.alias  # a stored row, as after save()
+    return pk
 
 
 def reply_regenerate(*, conversation: Conversation, reply: Message, model: str) -> Message:
@@ -312,7 +305,7 @@ def reply_regenerate(*, conversation: Conversation, reply: Message, model: str) 
     check_reply_quota(conversation.owner_id)
     with transaction.atomic():
         locked = Conversation.objects.select_for_update().get(pk=conversation.pk)
-        return _reply_row_create(conversation=locked, parent=reply.parent, model=model)
+        return _reply_row_create(conversation=locked, parent_id=reply.parent_id, model=model)
 
 
 def conversation_path(conversation: Conversation, leaf: Message | None = None) -> list[Message]:
