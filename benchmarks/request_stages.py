@@ -149,6 +149,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument(
+        "--cprofile", metavar="FILE", help="also write a cProfile of the event loop thread"
+    )
     options = parser.parse_args()
 
     upstream = subprocess.Popen(
@@ -166,7 +169,14 @@ def main() -> None:
         _instrument()
         from chatsite.asgi import application
 
-        rows = asyncio.run(measure(application, key, options.requests, options.warmup))
+        if options.cprofile:
+            import cProfile
+
+            with cProfile.Profile() as profile:
+                rows = asyncio.run(measure(application, key, options.requests, options.warmup))
+            profile.dump_stats(options.cprofile)
+        else:
+            rows = asyncio.run(measure(application, key, options.requests, options.warmup))
     finally:
         upstream.terminate()
         upstream.wait(5)

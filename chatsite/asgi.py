@@ -2,6 +2,7 @@
 
 import gc
 import os
+import sys
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "chatsite.settings")
 
@@ -46,6 +47,11 @@ from chat.replies import sweeper_ensure  # noqa: E402
 llm.configured_providers()
 
 application = ChatASGIHandler()
+
+if "daphne.server" in sys.modules:  # served by daphne: its TCP writes go out at once
+    from chatsite import twisted_writes
+
+    twisted_writes.install()
 
 if settings.SERVE_STATIC:
     # One machine, no nginx: daphne serves /static/ itself.

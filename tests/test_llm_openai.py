@@ -11,6 +11,7 @@ import urllib.request
 
 import pytest
 
+from chat.llm import openai_compat
 from chat.llm.base import ChatMessage, Delta, GenerationParams, ProviderError
 from chat.llm.fake_upstream import MODELS, SECRET_DETAIL, XSS_TEXT, FakeUpstream
 from chat.llm.openai_compat import OpenAICompatProvider, validate_base_url
@@ -106,6 +107,48 @@ async def test_stream_odd_chunks_handled(provider):
     assert final.finish_reason == "stop"
 
 
+async def _chunks(*parts: bytes):
+    for part in parts:
+        yield part
+
+
+@pytest.mark.parametrize("newline", [b"\n", b"\r\n", b"\r"])
+async def test_sse_events_split_anywhere_are_parsed_whole(newline):
+    events = (
+        b": a comment" + newline + newline,
+        b"event: message" + newline + b"id: 7" + newline + b'data: {"a": 1}' + newline + newline,
+        b"data:no-space" + newline + newline,
+        b"data: two" + newline + b"data: lines" + newline + newline,
+        b"retry: 10" + newline + newline,
+        b"data: [DONE]" + newline + newline,
+    )
+    stream = b"".join(events)
+    want = [b'{"a": 1}', b"no-space", b"two\nlines", b"[DONE]"]
+    # Every split point of the stream, so a CR LF may be cut between its two bytes.
+    for cut in range(1, len(stream)):
+        got = [d async for d in openai_compat._sse_data(_chunks(stream[:cut], stream[cut:]))]
+        assert got == want, cut
+    one_byte_chunks = [stream[i : i + 1] for i in range(len(stream))]
+    assert [d async for d in openai_compat._sse_data(_chunks(*one_byte_chunks))] == want
+
+
+async def test_stream_reads_the_body_straight_from_aiohttp(provider, monkeypatch):
+    # The package's aiohttp transport is installed (openai[aiohttp]): the body
+    # must come from aiohttp's stream, not through httpx2's generator layers.
+    kinds = []
+    body_chunks = openai_compat._body_chunks
+
+    def recording(response):
+        chunks = body_chunks(response)
+        kinds.append(type(chunks).__module__)
+        return chunks
+
+    monkeypatch.setattr(openai_compat, "_body_chunks", recording)
+    texts, final = await collect(provider, "fake-count")
+    assert len(texts) == TOKENS and final.finish_reason == "stop"
+    assert kinds == ["aiohttp.streams"]
+
+
 async def test_stream_xss_passes_through_verbatim(provider):
     texts, final = await collect(provider, "fake-xss")
     assert "".join(d.text for d in texts) == XSS_TEXT
@@ -182,6 +225,72 @@ async def test_stream_stall_times_out_after_two_tokens(upstream):
         await p.aclose()
     assert seen == ["tok0 ", "tok1 "]
     assert time.monotonic() - started < 5
+
+
+async def test_stream_with_no_response_headers_times_out():
+    # A server that accepts the request and never answers: the read deadline
+    # covers the wait for the headers too, not only the body.
+    accepted = []
+
+    async def silent(reader, writer):
+        accepted.append(writer)
+        await reader.read(1 << 16)
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    p = OpenAICompatProvider(
+        name="silent", base_url=f"http://127.0.0.1:{port}/v1", api_key=API_KEY, read_timeout=0.5
+    )
+    started = time.monotonic()
+    try:
+        with pytest.raises(ProviderError, match=r"stopped responding \(timed out after 0.5 s\)"):
+            await collect(p, "fake-echo")
+    finally:
+        await p.aclose()
+        for writer in accepted:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+    assert 0.4 < time.monotonic() - started < 3
+    assert accepted
+
+
+async def test_stream_kept_alive_by_comments_does_not_time_out():
+    # Any bytes are a sign of life: an upstream that sends only SSE comments
+    # for 1.2 s before its first token must not trip a 0.5 s read timeout.
+    async def keep_alive(reader, writer):
+        await reader.read(1 << 16)
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+            b"transfer-encoding: chunked\r\n\r\n"
+        )
+
+        def chunk(data: bytes) -> bytes:
+            return b"%x\r\n%s\r\n" % (len(data), data)
+
+        for _ in range(6):
+            writer.write(chunk(b": keep-alive\n\n"))
+            await writer.drain()
+            await asyncio.sleep(0.2)
+        event = {"choices": [{"index": 0, "delta": {"content": "late"}, "finish_reason": "stop"}]}
+        writer.write(chunk(b"data: " + json.dumps(event).encode() + b"\n\ndata: [DONE]\n\n"))
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(keep_alive, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    p = OpenAICompatProvider(
+        name="slow", base_url=f"http://127.0.0.1:{port}/v1", api_key=API_KEY, read_timeout=0.5
+    )
+    try:
+        texts, final = await collect(p, "fake-echo")
+    finally:
+        await p.aclose()
+        server.close()
+        await server.wait_closed()
+    assert [d.text for d in texts] == ["late"]
+    assert final.finish_reason == "stop"
 
 
 async def test_stream_aclose_mid_stream_abandons_upstream(provider, upstream):

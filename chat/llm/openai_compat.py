@@ -23,6 +23,13 @@ from urllib.parse import unquote, urlsplit
 import httpx2
 import openai
 
+try:
+    import aiohttp
+
+    _AIOHTTP_ERRORS: tuple[type[Exception], ...] = (aiohttp.ClientError,)
+except ImportError:  # the package's aiohttp extra is not installed
+    _AIOHTTP_ERRORS = ()
+
 from .base import ChatMessage, Delta, GenerationParams, ProviderError
 
 log = logging.getLogger(__name__)
@@ -177,6 +184,8 @@ class OpenAICompatProvider:
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self._timeout = httpx2.Timeout(read_timeout, connect=connect_timeout)
+        # A stream's read timeout is its _ReadDeadline; the transport only connects.
+        self._stream_timeout = httpx2.Timeout(None, connect=connect_timeout)
         self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, openai.AsyncOpenAI]
         self._clients = weakref.WeakKeyDictionary()
         self._models_cache: tuple[float, list[str]] | None = None
@@ -251,62 +260,48 @@ class OpenAICompatProvider:
         finish: str | None = None
         usage: dict | None = None
         try:
-            async with _raw_chat_stream(client, kwargs) as resp:
-                buf = b""
-                data: list[bytes] = []
+            async with (
+                _ReadDeadline(self.read_timeout) as deadline,
+                _raw_chat_stream(client, kwargs, self._stream_timeout) as resp,
+            ):
                 done = False
                 try:
-                    async for raw in resp.iter_bytes():
-                        buf += raw
-                        *lines, buf = buf.split(b"\n")
-                        for line in lines:
-                            if line.endswith(b"\r"):
-                                line = line[:-1]
-                            if line:
-                                if line.startswith(b"data:"):
-                                    data.append(line[6:] if line[5:6] == b" " else line[5:])
-                                continue  # comments (":"), event:, id:, retry:
-                            if not data:
-                                continue
-                            payload = data[0] if len(data) == 1 else b"\n".join(data)
-                            data = []
-                            if payload == b"[DONE]":
-                                done = True
-                                break
-                            try:
-                                obj = json.loads(payload)
-                            except ValueError:
-                                log.warning("Provider %r sent a malformed chunk", self.name)
-                                continue
-                            if not isinstance(obj, dict):
-                                continue
-                            if obj.get("error"):
-                                raise ProviderError("The model server reported an error.")
-                            u = obj.get("usage")
-                            if isinstance(u, dict):
-                                usage = u
-                            choices = obj.get("choices")
-                            if not choices or not isinstance(choices, list):
-                                continue
-                            choice = choices[0]
-                            if not isinstance(choice, dict):
-                                continue
-                            delta = choice.get("delta")
-                            if isinstance(delta, dict):
-                                text = delta.get("content")
-                                if text and isinstance(text, str):
-                                    yield Delta(text=text)
-                            fr = choice.get("finish_reason")
-                            if fr:
-                                finish = str(fr)
-                        if done:
+                    async for payload in _sse_data(_body_chunks(resp), deadline):
+                        if payload == b"[DONE]":
+                            done = True
                             break
-                except (httpx2.RequestError, OSError) as exc:
+                        try:
+                            obj = json.loads(payload)
+                        except ValueError:
+                            log.warning("Provider %r sent a malformed chunk", self.name)
+                            continue
+                        if not isinstance(obj, dict):
+                            continue
+                        if obj.get("error"):
+                            raise ProviderError("The model server reported an error.")
+                        u = obj.get("usage")
+                        if isinstance(u, dict):
+                            usage = u
+                        choices = obj.get("choices")
+                        if not choices or not isinstance(choices, list):
+                            continue
+                        choice = choices[0]
+                        if not isinstance(choice, dict):
+                            continue
+                        delta = choice.get("delta")
+                        if isinstance(delta, dict):
+                            text = delta.get("content")
+                            if text and isinstance(text, str):
+                                yield Delta(text=text)
+                        fr = choice.get("finish_reason")
+                        if fr:
+                            finish = str(fr)
+                except (httpx2.RequestError, OSError, *_AIOHTTP_ERRORS) as exc:
                     # A server that said how it finished but then hung or dropped
                     # the connection before [DONE] still gave a complete reply.
                     if finish is None:
                         log.warning("Provider %r: stream failed: %s", self.name, _describe(exc))
-                        if isinstance(exc, httpx2.ReadTimeout):
+                        if isinstance(exc, httpx2.ReadTimeout | TimeoutError):
                             raise ProviderError(_timeout_message(self.read_timeout)) from None
                         raise ProviderError(LOST) from None
                 if not done and finish is None:
@@ -315,6 +310,11 @@ class OpenAICompatProvider:
                     raise ProviderError(LOST)
         except ProviderError:
             raise
+        except TimeoutError:  # the read deadline: nothing arrived for read_timeout seconds
+            log.warning("Provider %r: no data for %g s", self.name, self.read_timeout)
+            if finish is None:
+                raise ProviderError(_timeout_message(self.read_timeout)) from None
+            # It had said how it finished, then hung before [DONE]: a complete reply.
         except openai.APIStatusError as exc:
             log.warning(
                 "Provider %r: HTTP %s from the model server (%s)",
@@ -352,8 +352,44 @@ class OpenAICompatProvider:
             )
 
 
+class _ReadDeadline:
+    """A stream's read timeout, checked coarsely: fails it after `seconds` with no data.
+
+    aiohttp's own read timeout re-arms a timer for every chunk received (a
+    cancel and a new TimerHandle), ~5% of the server's CPU at 100 streams. Here
+    a chunk only stamps the time (`last`), and one timer per stream checks at
+    most every `seconds`; once nothing arrived for that long it expires the
+    `asyncio.timeout` around the request and the stream, which then raises
+    TimeoutError from wherever the stream waits, headers or body.
+    """
+
+    __slots__ = ("seconds", "last", "_loop", "_timeout", "_timer")
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    async def __aenter__(self) -> _ReadDeadline:
+        self._loop = asyncio.get_running_loop()
+        self.last = self._loop.time()
+        self._timeout = asyncio.timeout(None)
+        await self._timeout.__aenter__()
+        self._timer = self._loop.call_later(self.seconds, self._check)
+        return self
+
+    async def __aexit__(self, *exc_info) -> bool | None:
+        self._timer.cancel()
+        return await self._timeout.__aexit__(*exc_info)
+
+    def _check(self) -> None:
+        idle = self._loop.time() - self.last
+        if idle >= self.seconds:
+            self._timeout.reschedule(self._loop.time())  # expire now
+        else:
+            self._timer = self._loop.call_later(self.seconds - idle, self._check)
+
+
 @contextlib.asynccontextmanager
-async def _raw_chat_stream(client: openai.AsyncOpenAI, body: dict):
+async def _raw_chat_stream(client: openai.AsyncOpenAI, body: dict, timeout: httpx2.Timeout):
     """POST /chat/completions through the client, the body streamed back unparsed.
 
     What `chat.completions.with_streaming_response.create` does, minus its
@@ -364,12 +400,75 @@ async def _raw_chat_stream(client: openai.AsyncOpenAI, body: dict):
         "/chat/completions",
         body=body,
         cast_to=object,
-        options={"headers": {"X-Stainless-Raw-Response": "stream"}},
+        options={"headers": {"X-Stainless-Raw-Response": "stream"}, "timeout": timeout},
     )
     try:
         yield response
     finally:
         await response.close()
+
+
+def _body_chunks(response) -> AsyncIterator[bytes]:
+    """The response body as it arrives.
+
+    Straight from aiohttp's stream when the client runs on the package's aiohttp
+    transport: httpx2's response and the transport add three async generator
+    layers per chunk, a tenth of the server's CPU at 100 streams. Any other
+    transport, or a compressed body (httpx2 decodes it), goes through httpx2.
+    """
+    http_response = response.http_response
+    # httpx2's client wraps the transport's stream (BoundAsyncStream) around it.
+    stream = getattr(http_response.stream, "_stream", http_response.stream)
+    aiohttp_response = getattr(stream, "_aiohttp_response", None)
+    if aiohttp_response is None or http_response.headers.get("content-encoding", "identity") != (
+        "identity"
+    ):
+        return response.iter_bytes()
+    return aiohttp_response.content.iter_any()
+
+
+async def _sse_data(
+    chunks: AsyncIterator[bytes], deadline: _ReadDeadline | None = None
+) -> AsyncIterator[bytes]:
+    """The `data` of each server-sent event in a byte stream (multi-line data joined).
+
+    Splits on blank lines first: an upstream token is usually one whole event
+    per chunk, so most chunks cost one split and one line check. Every chunk,
+    a comment too, counts as a sign of life for `deadline`.
+    """
+    buf = b""
+    now = time.monotonic  # the event loop's clock
+    async for raw in chunks:
+        if deadline is not None:
+            deadline.last = now()
+        buf += raw
+        cr = b""
+        if b"\r" in buf:  # CR LF or CR line ends (rare): normalised to LF
+            if buf.endswith(b"\r"):  # perhaps the first half of a CR LF: wait for the next byte
+                buf, cr = buf[:-1], b"\r"
+            buf = buf.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        *events, buf = buf.split(b"\n\n")
+        buf += cr
+        for event in events:
+            data = _event_data(event)
+            if data is not None:
+                yield data
+    if buf.endswith(b"\r"):  # the stream ended: that CR was a line end
+        for event in buf.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n\n")[:-1]:
+            data = _event_data(event)
+            if data is not None:
+                yield data
+
+
+def _event_data(event: bytes) -> bytes | None:
+    if event.startswith(b"data:") and b"\n" not in event:
+        return event[6:] if event[5:6] == b" " else event[5:]
+    data = [
+        line[6:] if line[5:6] == b" " else line[5:]
+        for line in event.split(b"\n")
+        if line.startswith(b"data:")
+    ]  # comments (":"), event:, id: and retry: lines carry no data
+    return b"\n".join(data) if data else None
 
 
 @functools.cache

@@ -1,0 +1,111 @@
+"""The server layer under daphne: Twisted's TCP writes sent at once (chatsite.twisted_writes)."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+from tests.live import ROOT
+
+STATIC = "static/vendor/highlight-11.12.0.min.js"  # 129 KB: far more than one socket buffer
+
+
+def _get(port: int, path: str, *, pause: float, rcvbuf: int) -> bytes:
+    with socket.socket() as sock:
+        # A small receive window and a client that waits before reading: the
+        # server's sends go through in part, then not at all, so the rest of
+        # the body must be queued and sent in order once the client reads.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.settimeout(10)
+        sock.connect(("127.0.0.1", port))
+        sock.sendall(
+            f"GET /{path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode()
+        )
+        time.sleep(pause)
+        chunks = []
+        while chunk := sock.recv(1024):
+            chunks.append(chunk)
+            time.sleep(0.0005)
+    return b"".join(chunks)
+
+
+def test_large_body_to_a_slow_reader_arrives_whole_and_in_order(daphne_server):
+    expected = (ROOT / STATIC).read_bytes()
+    data = _get(daphne_server.port, STATIC, pause=0.5, rcvbuf=4096)
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    assert f"content-length: {len(expected)}".encode() in head.lower()
+    assert body == expected
+
+
+def test_many_small_responses_on_fresh_connections(daphne_server):
+    # The common case: each response fits the socket buffer and goes out in
+    # the write that produced it.
+    for _ in range(20):
+        data = _get(daphne_server.port, "healthz", pause=0, rcvbuf=65536)
+        assert data.startswith(b"HTTP/1.1 200")
+        assert data.endswith(b"ok") or b"\r\n\r\n" in data
+
+
+class _Reactor:
+    """Records which descriptors wait for writability (the rest of Twisted is real)."""
+
+    def __init__(self):
+        self.writers = set()
+
+    def addWriter(self, writer):
+        self.writers.add(writer)
+
+    def removeWriter(self, writer):
+        self.writers.discard(writer)
+
+
+def _connection():
+    from twisted.internet import tcp
+    from twisted.internet.protocol import Protocol
+
+    from chatsite import twisted_writes
+
+    twisted_writes.install()
+    ours, peer = socket.socketpair()
+    reactor = _Reactor()
+    conn = tcp.Connection(ours, Protocol(), reactor)
+    conn.connected = True
+    return conn, peer, reactor
+
+
+def test_a_write_on_an_idle_connection_is_sent_at_once():
+    conn, peer, reactor = _connection()
+    with peer:
+        conn.write(b"data: one\n\n")
+        conn.writeSequence([b"data: ", b"two\n\n"])
+        assert not reactor.writers  # nothing waits for the next loop turn
+        peer.settimeout(1)
+        assert peer.recv(100) == b"data: one\n\ndata: two\n\n"
+    conn.socket.close()
+
+
+def test_what_the_socket_does_not_take_is_queued_and_sent_in_order():
+    conn, peer, reactor = _connection()
+    with peer:
+        block = bytes(range(256)) * 4096  # 1 MiB: more than a socketpair holds
+        conn.write(block)
+        conn.write(b"tail")  # queued behind the rest, never sent ahead of it
+        assert conn in reactor.writers
+        received = bytearray()
+        peer.settimeout(1)
+        while conn in reactor.writers or len(received) < len(block) + 4:
+            received += peer.recv(1 << 20)
+            if conn in reactor.writers:
+                conn.doWrite()  # what the reactor does when the socket is writable
+        assert bytes(received) == block + b"tail"
+    conn.socket.close()
+
+
+def test_a_write_after_the_peer_left_is_left_to_twisted():
+    conn, peer, reactor = _connection()
+    peer.close()
+    conn.write(b"x" * 10)  # the send fails: queued, so Twisted's own write sees the loss
+    assert conn in reactor.writers
+    assert conn.doWrite() is not None  # CONNECTION_LOST: Twisted closes the connection
+    conn.socket.close()
