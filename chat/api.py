@@ -22,7 +22,7 @@ from . import llm, replies, services
 from .db import run_db
 from .models import ApiKey, Message
 from .replies import HEARTBEAT, ReplyEnd
-from .streaming import PING, sse_response
+from .streaming import PING, on_client_disconnect, sse_response
 from .text import clean_text
 
 ROLES = {"system", "developer", "user", "assistant"}
@@ -254,6 +254,7 @@ async def chat_completions(request: HttpRequest, key: ApiKey) -> HttpResponse:
         message_id=assistant.pk, provider=model.provider, messages=context, params=params
     )
     completion_id = f"chatcmpl-{assistant.pk}"
+    on_client_disconnect(request, reply.abandon)  # nobody to resume for: stop at once
     if req["stream"]:
         follow = replies.reply_follow(assistant)
         try:

@@ -20,7 +20,7 @@ from django.conf import settings
 
 from . import services
 from .db import run_db
-from .llm import ChatMessage, GenerationParams, Provider, ProviderError
+from .llm import ChatMessage, GenerationParams, Provider, ProviderError, abort_hooks_open
 from .models import Message
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,7 @@ class Reply:
         self._checkpoint: asyncio.Task | None = None
         self._checkpoint_timer: asyncio.TimerHandle | None = None
         self._last_save = 0.0
+        self._abort_hooks: list = []  # the provider's ways to drop its upstream at once
 
     @property
     def text(self) -> str:
@@ -85,6 +86,11 @@ class Reply:
         # A task that has not run yet sees the flag when it starts; once the
         # stream is over, the final save must run uncancelled.
         if self._started and self._streaming and self._task and not self._task.done():
+            for hook in self._abort_hooks:
+                try:
+                    hook()  # the upstream hears of it now, not when the task next runs
+                except Exception:
+                    log.exception("reply %s: upstream abort hook failed", self.message_id)
             self._task.cancel()
 
     async def wait(self) -> ReplyEnd:
@@ -111,6 +117,7 @@ class Reply:
 
     async def _run(self) -> None:
         self._started = True
+        self._abort_hooks = abort_hooks_open()  # in this task's own context
         plane = None
         try:
             plane = control_plane()

@@ -9,9 +9,25 @@ from django.http import StreamingHttpResponse
 
 from .replies import HEARTBEAT, ReplyEnd
 
+# The scope key of the hooks chatsite.asgi runs the moment the client disconnects.
+DISCONNECT_HOOKS = "chatsite.disconnect_hooks"
+
 # daphne sends the headers with the first body chunk, so one goes out at once.
 STREAM_OPEN = b": stream open\n\n"
 PING = b": ping\n\n"
+
+
+def on_client_disconnect(request, hook) -> None:
+    """Run `hook()` as soon as the server hears the client left.
+
+    Django learns of a disconnect in its own task, then cancels the response's
+    task, which only then runs the response generator's cleanup: several event
+    loop turns, each behind everything else queued. The hook runs in the first
+    of them (chatsite.asgi.ChatASGIHandler reads the disconnect message).
+    """
+    hooks = request.scope.get(DISCONNECT_HOOKS)
+    if hooks is not None:
+        hooks.append(hook)
 
 
 def sse_event(data: dict, event: str | None = None) -> bytes:

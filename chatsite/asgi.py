@@ -24,23 +24,36 @@ class ChatASGIHandler(ASGIHandler):
     new thread. The chat and API paths are async and do their database work
     through chat.db.run_db, so their few sync calls share asgiref's one
     long-lived sync thread instead; only SYNC_VIEW_PREFIXES keep Django's way.
+
+    It also runs the hooks of chat.streaming.on_client_disconnect the moment
+    the client's disconnect message is read.
     """
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             raise ValueError(f"Django can only handle ASGI/HTTP connections, not {scope['type']}.")
         sweeper_ensure()
+        hooks = scope[DISCONNECT_HOOKS] = []
+
+        async def receive_and_notify():
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                for hook in hooks:
+                    hook()
+            return message
+
         if scope["path"].startswith(SYNC_VIEW_PREFIXES):
             async with ThreadSensitiveContext():
-                await self.handle(scope, receive, send)
+                await self.handle(scope, receive_and_notify, send)
         else:
-            await self.handle(scope, receive, send)
+            await self.handle(scope, receive_and_notify, send)
 
 
 django.setup(set_prefix=False)
 
 from chat import llm  # noqa: E402  (needs the apps loaded)
 from chat.replies import sweeper_ensure  # noqa: E402
+from chat.streaming import DISCONNECT_HOOKS  # noqa: E402
 
 # Build the model providers now: importing the openai package alone takes ~2 s
 # here, which would otherwise be paid by the first user's request.

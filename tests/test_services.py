@@ -66,19 +66,55 @@ def test_reply_finish_stores_nul_from_the_model(conversation):
 
 def test_reply_finish_retries_when_database_is_busy(conversation, monkeypatch):
     _, reply = services.message_send(conversation=conversation, content="x", model="fake")
-    real_update = Message.objects.filter(pk=reply.pk).update.__func__
+    real_update = services._row_update
     failures = {"left": 2}
 
-    def flaky_update(self, **kwargs):
+    def flaky_update(*args, **kwargs):
         if failures["left"]:
             failures["left"] -= 1
             raise OperationalError("database is locked")
-        return real_update(self, **kwargs)
+        return real_update(*args, **kwargs)
 
-    monkeypatch.setattr(type(Message.objects.all()), "update", flaky_update)
+    monkeypatch.setattr(services, "_row_update", flaky_update)
     monkeypatch.setattr(services.time, "sleep", lambda s: None)
     services.reply_finish(message_id=reply.pk, content="saved", status="complete")
+    assert failures["left"] == 0
     assert Message.objects.get(pk=reply.pk).content == "saved"
+
+
+def test_reply_finish_stores_every_field(conversation):
+    _, reply = services.message_send(conversation=conversation, content="x", model="fake")
+    before = Message.objects.get(pk=reply.pk).updated
+    services.reply_finish(
+        message_id=reply.pk,
+        content="done",
+        status=Message.Status.ERROR,
+        finish_reason="length",
+        prompt_tokens=12,
+        completion_tokens=34,
+        ttft_ms=56,
+        duration_ms=789,
+        error="The model server failed (HTTP 500).",
+    )
+    row = Message.objects.get(pk=reply.pk)
+    assert (row.content, row.status, row.finish_reason) == ("done", "error", "length")
+    assert (row.prompt_tokens, row.completion_tokens) == (12, 34)
+    assert (row.ttft_ms, row.duration_ms) == (56, 789)
+    assert row.error == "The model server failed (HTTP 500)."
+    assert row.updated > before
+    services.reply_finish(message_id=reply.pk, content="", status="complete")  # NULLs too
+    row = Message.objects.get(pk=reply.pk)
+    assert (row.prompt_tokens, row.ttft_ms, row.error) == (None, None, "")
+
+
+def test_checkpoint_stores_text_only_while_streaming(conversation):
+    _, reply = services.message_send(conversation=conversation, content="x", model="fake")
+    services.reply_checkpoint(message_id=reply.pk, content="so far\x00")
+    assert Message.objects.get(pk=reply.pk).content == "so far\ufffd"
+    services.reply_finish(message_id=reply.pk, content="final", status="complete")
+    services.reply_checkpoint(message_id=reply.pk, content="late checkpoint")  # too late: ignored
+    row = Message.objects.get(pk=reply.pk)
+    assert (row.content, row.status) == ("final", "complete")
 
 
 def test_context_is_the_path_with_system_prompt(conversation):

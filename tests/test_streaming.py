@@ -330,3 +330,65 @@ async def test_concurrent_reply_limit(user, scripted, asgi_login, settings):
     assert await refused.start() == 429
     await scripted.script.put(None)
     await _wait_finished(start["assistant_message"])
+
+
+async def test_abandon_drops_the_upstream_before_the_reply_task_runs(user, upstream):
+    # Reply.abandon() runs the provider's abort hook on the spot: the upstream
+    # sees the connection end even while this event loop is blocked, so the
+    # reply's task cannot have run its cleanup yet.
+    import time
+
+    from chat.llm import ChatMessage, GenerationParams
+    from chat.llm.openai_compat import OpenAICompatProvider
+
+    provider = OpenAICompatProvider(name="fake", base_url=upstream.base_url, api_key="k")
+    conversation = await Conversation.objects.acreate(owner=user, model="fake-stall")
+    _, assistant = await asyncio.to_thread(
+        services.message_send, conversation=conversation, content="x", model="fake-stall"
+    )
+    reply = replies.reply_start(
+        message_id=assistant.pk,
+        provider=provider,
+        messages=[ChatMessage("user", "x")],
+        params=GenerationParams("fake-stall", 100),
+    )
+    try:
+        for _ in range(250):  # fake-stall sends two tokens, then nothing
+            if reply.text == "tok0 tok1 ":
+                break
+            await asyncio.sleep(0.02)
+        assert reply.text == "tok0 tok1 "
+        before = upstream.stats["abandoned"]
+        reply.abandon()
+        deadline = time.monotonic() + 2
+        while upstream.stats["abandoned"] == before and time.monotonic() < deadline:
+            time.sleep(0.01)  # blocking on purpose: the reply task must not run
+        assert upstream.stats["abandoned"] == before + 1
+        end = await reply.wait()
+        assert end.status == Message.Status.INTERRUPTED
+        row = await _wait_finished(assistant.pk)
+        assert (row.status, row.content) == (Message.Status.INTERRUPTED, "tok0 tok1 ")
+    finally:
+        await provider.aclose()
+
+
+async def test_disconnect_hooks_run_when_the_disconnect_message_is_read():
+    from chat.streaming import DISCONNECT_HOOKS
+    from chatsite.asgi import ChatASGIHandler
+
+    calls = []
+
+    class Probe(ChatASGIHandler):
+        async def handle(self, scope, receive, send):
+            scope[DISCONNECT_HOOKS].append(lambda: calls.append("hook"))
+            calls.append((await receive())["type"])  # the request body: no hook
+            calls.append((await receive())["type"])
+
+    messages = [{"type": "http.disconnect"}, {"type": "http.request", "body": b""}]
+
+    async def receive():
+        return messages.pop()
+
+    scope = {"type": "http", "path": "/v1/chat/completions", "headers": []}
+    await Probe()(scope, receive, None)
+    assert calls == ["http.request", "hook", "http.disconnect"]

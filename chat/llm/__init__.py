@@ -13,7 +13,15 @@ from django.conf import settings
 from django.core.signals import setting_changed
 from django.dispatch import receiver
 
-from .base import ChatMessage, Delta, GenerationParams, ModelInfo, Provider, ProviderError
+from .base import (
+    ChatMessage,
+    Delta,
+    GenerationParams,
+    ModelInfo,
+    Provider,
+    ProviderError,
+    abort_hooks_open,
+)
 
 __all__ = [
     "ChatMessage",
@@ -22,6 +30,7 @@ __all__ = [
     "ModelInfo",
     "Provider",
     "ProviderError",
+    "abort_hooks_open",
     "available_models",
     "resolve",
 ]

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import contextvars
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -64,3 +65,28 @@ class Provider(Protocol):
         tokens. Failures raise ProviderError.
         """
         ...
+
+
+# -- dropping an upstream at once -----------------------------------------------------------------
+# Cancelling the task that runs a stream closes its upstream only when that task
+# next runs, behind every callback already queued: with 50 API clients leaving
+# at once that was up to 44 ms for the last one. A provider may also register a
+# synchronous hook that drops its connection on the spot; whoever owns the task
+# (chat.replies.Reply) opens a list for the hooks and calls them before cancelling.
+_abort_hooks: contextvars.ContextVar[list[Callable[[], None]] | None] = contextvars.ContextVar(
+    "upstream_abort_hooks", default=None
+)
+
+
+def abort_hooks_open() -> list[Callable[[], None]]:
+    """The hooks the streams run in the current context will register (call them to abort)."""
+    hooks: list[Callable[[], None]] = []
+    _abort_hooks.set(hooks)
+    return hooks
+
+
+def on_abort(hook: Callable[[], None]) -> None:
+    """Register how to drop the current stream's upstream connection at once (sync, no I/O wait)."""
+    hooks = _abort_hooks.get()
+    if hooks is not None:
+        hooks.append(hook)

@@ -14,6 +14,7 @@ import functools
 import ipaddress
 import json
 import logging
+import socket
 import ssl
 import time
 import weakref
@@ -30,7 +31,7 @@ try:
 except ImportError:  # the package's aiohttp extra is not installed
     _AIOHTTP_ERRORS = ()
 
-from .base import ChatMessage, Delta, GenerationParams, ProviderError
+from .base import ChatMessage, Delta, GenerationParams, ProviderError, on_abort
 
 log = logging.getLogger(__name__)
 
@@ -265,6 +266,8 @@ class OpenAICompatProvider:
                 _raw_chat_stream(client, kwargs, self._stream_timeout) as resp,
             ):
                 done = False
+                if (shutdown := _shutdown_hook(resp)) is not None:
+                    on_abort(shutdown)
                 try:
                     async for payload in _sse_data(_body_chunks(resp), deadline):
                         if payload == b"[DONE]":
@@ -408,23 +411,50 @@ async def _raw_chat_stream(client: openai.AsyncOpenAI, body: dict, timeout: http
         await response.close()
 
 
-def _body_chunks(response) -> AsyncIterator[bytes]:
-    """The response body as it arrives.
+def _aiohttp_response(response):
+    """The aiohttp response under the package's aiohttp transport, if that is what ran it.
 
-    Straight from aiohttp's stream when the client runs on the package's aiohttp
-    transport: httpx2's response and the transport add three async generator
-    layers per chunk, a tenth of the server's CPU at 100 streams. Any other
-    transport, or a compressed body (httpx2 decodes it), goes through httpx2.
+    None for another transport, or for a compressed body (httpx2 decodes it).
     """
     http_response = response.http_response
     # httpx2's client wraps the transport's stream (BoundAsyncStream) around it.
     stream = getattr(http_response.stream, "_stream", http_response.stream)
     aiohttp_response = getattr(stream, "_aiohttp_response", None)
-    if aiohttp_response is None or http_response.headers.get("content-encoding", "identity") != (
-        "identity"
-    ):
+    if http_response.headers.get("content-encoding", "identity") != "identity":
+        return None
+    return aiohttp_response
+
+
+def _body_chunks(response) -> AsyncIterator[bytes]:
+    """The response body as it arrives.
+
+    Straight from aiohttp's stream when the client runs on the package's aiohttp
+    transport: httpx2's response and the transport add three async generator
+    layers per chunk, a tenth of the server's CPU at 100 streams.
+    """
+    aiohttp_response = _aiohttp_response(response)
+    if aiohttp_response is None:
         return response.iter_bytes()
     return aiohttp_response.content.iter_any()
+
+
+def _shutdown_hook(response):
+    """A hook that sends the upstream our FIN now (base.on_abort), or None.
+
+    The connection itself is closed as usual when the stream's task unwinds.
+    """
+    aiohttp_response = _aiohttp_response(response)
+    connection = aiohttp_response.connection if aiohttp_response is not None else None
+    transport = connection.transport if connection is not None else None
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None:
+        return None
+
+    def shutdown() -> None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+    return shutdown
 
 
 async def _sse_data(
