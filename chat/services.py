@@ -217,8 +217,14 @@ def _reply_row_create(*, conversation: Conversation, parent_id: int | None, mode
     assistant.pk = _row_insert(assistant)
     conversation.current_leaf = assistant
     conversation.model = model
-    conversation.save(update_fields=["current_leaf", "model", "updated"])
-    _count_reply(conversation.owner_id)
+    conversation.updated = timezone.now()
+    _row_update(
+        Conversation,
+        conversation.pk,
+        {"current_leaf": assistant.pk, "model": model, "updated": conversation.updated},
+    )
+    if settings.CHAT_MAX_REPLIES_PER_HOUR:
+        _count_reply(conversation.owner_id)
     return assistant
 
 

@@ -61,10 +61,10 @@ llm.configured_providers()
 
 application = ChatASGIHandler()
 
-if "daphne.server" in sys.modules:  # served by daphne: its TCP writes go out at once
-    from chatsite import twisted_writes
+if "daphne.server" in sys.modules:  # served by daphne: tune its hot path
+    from chatsite import server_tuning
 
-    twisted_writes.install()
+    server_tuning.install()
 
 if settings.SERVE_STATIC:
     # One machine, no nginx: daphne serves /static/ itself.

@@ -1,4 +1,4 @@
-"""The server layer under daphne: Twisted's TCP writes sent at once (chatsite.twisted_writes)."""
+"""The server layer under daphne (chatsite.server_tuning): TCP writes sent at once, in order."""
 
 from __future__ import annotations
 
@@ -64,9 +64,9 @@ def _connection():
     from twisted.internet import tcp
     from twisted.internet.protocol import Protocol
 
-    from chatsite import twisted_writes
+    from chatsite import server_tuning
 
-    twisted_writes.install()
+    server_tuning.install()
     ours, peer = socket.socketpair()
     reactor = _Reactor()
     conn = tcp.Connection(ours, Protocol(), reactor)
@@ -109,3 +109,15 @@ def test_a_write_after_the_peer_left_is_left_to_twisted():
     assert conn in reactor.writers
     assert conn.doWrite() is not None  # CONNECTION_LOST: Twisted closes the connection
     conn.socket.close()
+
+
+def test_daphne_reads_twisted_web_http_without_the_deprecation_proxy():
+    from daphne import http_protocol
+    from twisted.python.deprecate import _ModuleProxy
+    from twisted.web import http
+
+    from chatsite import server_tuning
+
+    server_tuning.install()
+    assert not isinstance(http_protocol.http, _ModuleProxy)
+    assert http_protocol.http.Request is http.Request  # the same module, only unwrapped

@@ -1,6 +1,6 @@
-"""Twisted TCP writes sent at once, the way asyncio's transports send them.
+"""daphne's hot path, tuned: Twisted TCP writes sent at once, no deprecation proxy per frame.
 
-daphne runs on Twisted, whose TCP transport never sends in `write()`: it
+1. daphne runs on Twisted, whose TCP transport never sends in `write()`: it
 queues the bytes, registers the socket with the event loop for writability,
 and sends on the next loop turn, then unregisters it. For a streamed reply
 that is, for every frame of every stream, two `epoll_ctl` calls, one more
@@ -13,6 +13,10 @@ kept and back-pressure (producers paused on a full buffer) works as before.
 TLS connections, a connection being closed and any write that finds bytes
 already queued take Twisted's own path unchanged, as does a send that fails:
 Twisted's next write attempt then sees the error and closes the connection.
+
+2. Twisted replaces its `twisted.web.http` module with a proxy that warns on
+deprecated names, so each `http.Request` lookup in daphne's per-frame
+`handle_reply` costs ~2 µs. daphne's protocol module gets the real module.
 """
 
 from __future__ import annotations
@@ -21,10 +25,24 @@ _installed = False
 
 
 def install() -> None:
-    """Patch twisted.internet.tcp.Connection (once per process)."""
+    """Patch twisted.internet.tcp.Connection and daphne.http_protocol (once per process)."""
     global _installed
     if _installed:
         return
+    _install_eager_writes()
+    _install_real_http_module()
+    _installed = True
+
+
+def _install_real_http_module() -> None:
+    from daphne import http_protocol
+    from twisted.python.deprecate import _ModuleProxy
+
+    if isinstance(http_protocol.http, _ModuleProxy):
+        http_protocol.http = object.__getattribute__(http_protocol.http, "_module")
+
+
+def _install_eager_writes() -> None:
     from twisted.internet import tcp
 
     queued_write = tcp.Connection.write
@@ -63,4 +81,3 @@ def install() -> None:
 
     tcp.Connection.write = write
     tcp.Connection.writeSequence = write_sequence
-    _installed = True
