@@ -3,8 +3,8 @@
     .venv/bin/python benchmarks/profile_server.py [-c 100] [-n 400] [--seconds 8]
 
 Sets up the bench database and fake upstream as `make bench` does (benchmarks/run.py),
-starts one daphne pinned to core 0, runs C concurrent API streams of 100 tokens
-20 ms apart from core 1 and, while they run, samples the daphne with
+starts one daphne pinned to core 0, runs C concurrent API streams (100 tokens
+20 ms apart unless told otherwise) from core 1 and, while they run, samples the daphne with
 `py-spy record --gil -f raw`. Prints the functions with the largest shares of the
 samples, inclusive (on the stack) and exclusive (at the top), as Markdown tables.
 Needs py-spy (requirements-bench.txt) and permission to ptrace (root here).
@@ -55,7 +55,7 @@ def summarise(raw: Path, top: int) -> str:
 async def profile(bench: run.Bench, a) -> Path:
     server, port = bench.start_daphne("daphne", bench.fake_port, "0")
     target = [loadgen.openai_request(run.HOST, port, api_key=bench.db.api_key)]
-    await loadgen.run_load(target, 20, 40, expect=100)  # warm-up
+    await loadgen.run_load(target, 20, 40, expect=a.tokens)  # warm-up
     raw = bench.tmp / "profile.txt"
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     spy = subprocess.Popen(
@@ -64,11 +64,11 @@ async def profile(bench: run.Bench, a) -> Path:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    summary, _ = await loadgen.run_load(target, a.concurrency, a.requests, expect=100)
+    summary, _ = await loadgen.run_load(target, a.concurrency, a.requests, expect=a.tokens)
     spy.wait(a.seconds + 30)
     print(
-        f"load: {a.concurrency} streams, first token p50 {summary['ttft_p50_ms']:.1f} ms, "
-        f"gap p99 {summary['gap_p99_ms']:.1f} ms, {summary['tokens_per_s']:.0f} tok/s",
+        f"load: {a.concurrency} streams, first token p50 {summary['ttft_p50_ms']} ms, "
+        f"gap p99 {summary['gap_p99_ms']} ms, {summary['tokens_per_s']} tok/s",
         file=sys.stderr,
     )
     return raw
@@ -80,12 +80,14 @@ def main() -> None:
     p.add_argument("-n", "--requests", type=int, default=400)
     p.add_argument("--seconds", type=int, default=8)
     p.add_argument("--top", type=int, default=40)
+    p.add_argument("--tokens", type=int, default=100, help="tokens per stream")
+    p.add_argument("--gap-ms", type=float, default=20.0, help="between tokens")
     a = p.parse_args()
-    args = argparse.Namespace(tokens=100, gap_ms=20.0, warmup=20)
+    args = argparse.Namespace(tokens=a.tokens, gap_ms=a.gap_ms, warmup=20)
     bench = run.Bench(args)
     os.sched_setaffinity(0, {1})
     try:
-        bench.fake, bench.fake_port = bench.start_fake("fake-upstream", 100, 20.0)
+        bench.fake, bench.fake_port = bench.start_fake("fake-upstream", a.tokens, a.gap_ms)
         bench.db.setup()
         raw = loadgen.run(profile(bench, a))
     finally:

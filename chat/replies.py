@@ -38,6 +38,37 @@ class ReplyEnd:
     completion_tokens: int | None = None
 
 
+class Inbox:
+    """What one subscriber has not read yet: `put` never waits, `take` returns it all.
+
+    An asyncio.Queue per subscriber cost a future, an event and a deque step
+    per token for one reader that always wants everything queued anyway.
+    """
+
+    __slots__ = ("items", "_waiter")
+
+    def __init__(self):
+        self.items: list = []
+        self._waiter: asyncio.Future | None = None
+
+    def put(self, item) -> None:
+        self.items.append(item)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def take(self) -> list:
+        """Everything queued, in order, once there is something."""
+        while not self.items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        items, self.items = self.items, []
+        return items
+
+
 class Reply:
     def __init__(
         self,
@@ -53,7 +84,7 @@ class Reply:
         self.parts: list[str] = []
         self.end: ReplyEnd | None = None
         self.stop_requested = False
-        self._subscribers: set[asyncio.Queue] = set()
+        self._subscribers: set[Inbox] = set()
         self._task: asyncio.Task | None = None
         self._started = False
         self._streaming = True
@@ -99,21 +130,21 @@ class Reply:
         assert self.end is not None
         return self.end
 
-    def subscribe(self) -> tuple[str, asyncio.Queue]:
-        """The text so far and a queue of what follows (str deltas, then a ReplyEnd)."""
-        queue: asyncio.Queue = asyncio.Queue()
+    def subscribe(self) -> tuple[str, Inbox]:
+        """The text so far and an inbox of what follows (str deltas, then a ReplyEnd)."""
+        inbox = Inbox()
         if self.end is not None:
-            queue.put_nowait(self.end)
+            inbox.put(self.end)
         else:
-            self._subscribers.add(queue)
-        return self.text, queue
+            self._subscribers.add(inbox)
+        return self.text, inbox
 
-    def unsubscribe(self, queue: asyncio.Queue) -> None:
-        self._subscribers.discard(queue)
+    def unsubscribe(self, inbox: Inbox) -> None:
+        self._subscribers.discard(inbox)
 
     def _publish(self, item) -> None:
-        for queue in self._subscribers:
-            queue.put_nowait(item)
+        for inbox in self._subscribers:
+            inbox.put(item)
 
     async def _run(self) -> None:
         self._started = True
@@ -400,39 +431,33 @@ async def reply_follow(message: Message) -> AsyncIterator[str | ReplyEnd | objec
             yield item
         return
     loop = asyncio.get_running_loop()
-    text, queue = reply.subscribe()
+    text, inbox = reply.subscribe()
     interval = settings.CHAT_HEARTBEAT_SECONDS
     timer = None
 
     def beat() -> None:
         nonlocal timer
-        queue.put_nowait(HEARTBEAT)
+        inbox.put(HEARTBEAT)
         timer = loop.call_later(interval, beat)
 
     timer = loop.call_later(interval, beat)
     try:
         yield text
         while True:
-            item = await queue.get()
-            end = item if isinstance(item, ReplyEnd) else None
-            if isinstance(item, str):
-                batch = [item]
-                while not queue.empty():
-                    item = queue.get_nowait()
-                    if isinstance(item, str):
-                        batch.append(item)
-                    elif isinstance(item, ReplyEnd):
-                        end = item  # always the last item a reply publishes
+            items = await inbox.take()
+            texts = [item for item in items if isinstance(item, str)]
+            if texts:
                 # A heartbeat queued behind text is dropped: the text is the sign of life.
-                yield "".join(batch)
-            elif item is HEARTBEAT:
+                yield "".join(texts)
+            elif any(item is HEARTBEAT for item in items):
                 yield HEARTBEAT
-            if end is not None:
-                yield end
-                return
+            for item in items:
+                if isinstance(item, ReplyEnd):  # the last thing a reply publishes
+                    yield item
+                    return
     finally:
         timer.cancel()
-        reply.unsubscribe(queue)
+        reply.unsubscribe(inbox)
 
 
 async def _follow_row(message_id: int) -> AsyncIterator[str | ReplyEnd | object]:

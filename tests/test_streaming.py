@@ -392,3 +392,17 @@ async def test_disconnect_hooks_run_when_the_disconnect_message_is_read():
     scope = {"type": "http", "path": "/v1/chat/completions", "headers": []}
     await Probe()(scope, receive, None)
     assert calls == ["http.request", "hook", "http.disconnect"]
+
+
+async def test_inbox_hands_over_everything_queued_in_order():
+    inbox = replies.Inbox()
+    inbox.put("a")
+    inbox.put("b")
+    assert await inbox.take() == ["a", "b"]
+    waiting = asyncio.ensure_future(inbox.take())
+    await asyncio.sleep(0)
+    assert not waiting.done()  # nothing queued: it waits
+    inbox.put("c")
+    inbox.put(replies.HEARTBEAT)
+    assert await asyncio.wait_for(waiting, 1) == ["c", replies.HEARTBEAT]
+    assert inbox.items == []
