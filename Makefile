@@ -56,10 +56,12 @@ format: install-dev
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-# Streaming benchmark; the report goes to docs/performance.md. BENCH_ARGS=--quick for a short run.
+# Streaming benchmark (docs/performance.md; BENCH_ARGS=--quick for a short run), then the
+# embedded model's speed (docs/performance-local-model.md).
 bench: install-dev
 	$(PY) -m pip install --quiet -r requirements-bench.txt
 	$(PY) benchmarks/run.py --command "make bench $(BENCH_ARGS)" $(BENCH_ARGS)
+	$(PY) benchmarks/local_model.py
 
 clean:
 	rm -rf $(VENV) staticfiles
