@@ -293,6 +293,22 @@ async def test_stream_kept_alive_by_comments_does_not_time_out():
     assert final.finish_reason == "stop"
 
 
+async def test_abort_hook_after_the_body_is_in_leaves_the_pooled_connection_alone(
+    provider, upstream
+):
+    # aiohttp pools the connection once the whole body is read; an abort that
+    # comes late (a client leaving just then) must not shut that connection.
+    from chat.llm.base import abort_hooks_open
+
+    hooks = abort_hooks_open()
+    texts, final = await collect(provider, "fake-count")
+    assert len(texts) == TOKENS and final.finish_reason == "stop"
+    assert len(hooks) == 1
+    hooks[0]()  # too late: nothing of this response's is left to drop
+    texts, final = await collect(provider, "fake-count")  # on the pooled connection
+    assert len(texts) == TOKENS and final.finish_reason == "stop"
+
+
 async def test_stream_aclose_mid_stream_abandons_upstream(provider, upstream):
     assert await wait_for(lambda: upstream.stats["active"] == 0)
     before = upstream.stats["abandoned"]

@@ -441,18 +441,22 @@ def _body_chunks(response) -> AsyncIterator[bytes]:
 def _shutdown_hook(response):
     """A hook that sends the upstream our FIN now (base.on_abort), or None.
 
-    The connection itself is closed as usual when the stream's task unwinds.
+    It acts only while the connection still belongs to this response: aiohttp
+    releases it to the pool as soon as the whole body is in, and a pooled
+    connection must not be shut. The connection itself is closed as usual
+    when the stream's task unwinds.
     """
     aiohttp_response = _aiohttp_response(response)
-    connection = aiohttp_response.connection if aiohttp_response is not None else None
-    transport = connection.transport if connection is not None else None
-    sock = transport.get_extra_info("socket") if transport is not None else None
-    if sock is None:
+    if aiohttp_response is None:
         return None
 
     def shutdown() -> None:
-        with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_RDWR)
+        connection = aiohttp_response.connection
+        transport = connection.transport if connection is not None else None
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
     return shutdown
 
