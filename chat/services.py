@@ -272,6 +272,13 @@ _INSERT_SQL: dict[tuple, str] = {}
 _PLAIN_TYPES = (str, int, float, bool)  # what every backend takes as it is
 
 
+def _db_value(field, value, db):
+    """`value` as `field` stores it: plain values as they are, the rest (datetimes) prepared."""
+    if value is not None and type(value) not in _PLAIN_TYPES:
+        return field.get_db_prep_save(value, db)
+    return value
+
+
 def _row_insert(obj) -> int:
     """INSERT `obj` (a new, unsaved model instance) and return its id.
 
@@ -286,10 +293,7 @@ def _row_insert(obj) -> int:
     for field in fields:
         if getattr(field, "auto_now", False) or getattr(field, "auto_now_add", False):
             setattr(obj, field.attname, now)
-        value = getattr(obj, field.attname)
-        if value is not None and type(value) not in _PLAIN_TYPES:
-            value = field.get_db_prep_save(value, db)  # datetimes and anything else
-        values.append(value)
+        values.append(_db_value(field, getattr(obj, field.attname), db))
     sql = _INSERT_SQL.get((db.vendor, type(obj)))
     if sql is None:
         quote = db.ops.quote_name
@@ -329,11 +333,10 @@ def _row_update(model, pk: int, values: dict, only_if: dict | None = None) -> No
             + f" WHERE {quote(columns.pk.column)} = %s"
             + "".join(f" AND {quote(columns.get_field(name).column)} = %s" for name in only_if)
         )
-    params = []
-    for name, value in (*values.items(), *only_if.items()):
-        if value is not None and type(value) not in _PLAIN_TYPES:
-            value = model._meta.get_field(name).get_db_prep_save(value, db)
-        params.append(value)
+    params = [
+        _db_value(model._meta.get_field(name), value, db)
+        for name, value in (*values.items(), *only_if.items())
+    ]
     params.insert(len(values), pk)
     with db.cursor() as cursor:
         cursor.execute(sql, params)

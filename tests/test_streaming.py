@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from chat import replies, services
+from chat.db import run_db
 from chat.llm import Delta, ProviderError
 from chat.models import Conversation, Message
 from tests.conftest import AsgiStream
@@ -343,7 +344,7 @@ async def test_abandon_drops_the_upstream_before_the_reply_task_runs(user, upstr
 
     provider = OpenAICompatProvider(name="fake", base_url=upstream.base_url, api_key="k")
     conversation = await Conversation.objects.acreate(owner=user, model="fake-stall")
-    _, assistant = await asyncio.to_thread(
+    _, assistant = await run_db(
         services.message_send, conversation=conversation, content="x", model="fake-stall"
     )
     reply = replies.reply_start(
