@@ -6,7 +6,11 @@ class ChatConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from . import checks  # noqa: F401 - registers the system checks
+        from . import (
+            checks,  # noqa: F401 - registers the system checks
+            db,
+        )
         from .middleware import run_hooks_inline
 
+        db.install()
         run_hooks_inline()

@@ -1,0 +1,86 @@
+"""chat.db: the one database thread that run_db and asgiref's thread-sensitive calls share."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import threading
+
+import pytest
+from asgiref.sync import SyncToAsync, async_to_sync, sync_to_async
+
+from chat import db
+from chat.models import Conversation
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
+
+
+async def test_run_db_and_asgiref_share_one_thread():
+    assert SyncToAsync.single_thread_executor is db._thread  # installed at start-up
+    ours = await db.run_db(threading.get_ident)
+    theirs = await sync_to_async(threading.get_ident, thread_sensitive=True)()
+    assert ours == theirs != threading.get_ident()
+    assert threading.current_thread().name != "chatsite-db"
+    assert await db.run_db(lambda: threading.current_thread().name) == "chatsite-db"
+
+
+async def test_calls_run_in_order_and_see_the_callers_context():
+    request_id.set("req-7")
+    seen: list[int] = []
+    await asyncio.gather(*(db.run_db(seen.append, i) for i in range(50)))
+    assert seen == list(range(50))
+    assert await db.run_db(request_id.get) == "req-7"
+
+
+async def test_an_error_reaches_the_caller_and_the_thread_goes_on():
+    with pytest.raises(ZeroDivisionError):
+        await db.run_db(lambda: 1 / 0)
+    assert await db.run_db(lambda: 6 * 7) == 42
+
+
+async def test_a_cancelled_caller_does_not_cut_the_work_short(user):
+    """A reply's final save must land even if the task awaiting it is cancelled."""
+    started, release = threading.Event(), threading.Event()
+
+    def slow_write():
+        started.set()
+        release.wait(5)
+        return Conversation.objects.create(owner=user, title="written").pk
+
+    task = asyncio.ensure_future(db.run_db(slow_write))
+    await asyncio.to_thread(started.wait, 5)
+    task.cancel()
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    # The next call runs after the cancelled one finished: its row is there.
+    assert await db.run_db(Conversation.objects.filter(title="written").count) == 1
+
+
+def test_from_sync_code_it_runs_on_the_calling_thread():
+    """Under async_to_sync (a sync test, a management command) asgiref's rule holds:
+    thread-sensitive work goes back to the sync thread that is waiting, which may
+    hold a transaction."""
+    caller = threading.get_ident()
+    assert async_to_sync(db.run_db)(threading.get_ident) == caller
+
+
+def test_submit_runs_a_concurrent_future():
+    future = db._thread.submit(lambda a, b: a + b, 2, b=3)
+    assert future.result(timeout=5) == 5
+    failing = db._thread.submit(lambda: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        failing.result(timeout=5)
+
+
+def test_shutdown_runs_what_was_queued_first():
+    thread = db.DatabaseThread(name="test-db")
+    done: list[int] = []
+    futures = [thread.submit(done.append, i) for i in range(20)]
+    thread.shutdown(wait=True)
+    assert done == list(range(20))
+    assert all(f.done() for f in futures)
+    with pytest.raises(RuntimeError):
+        thread.submit(done.append, 99)
