@@ -43,7 +43,7 @@ migrate: install
 # One machine: SQLite, the embedded model, daphne on http://$(HOST):$(PORT).
 run: migrate
 	$(PY) manage.py chat_sweep --all
-	$(VENV)/bin/daphne -e tcp:port=$(PORT):interface=$(HOST):backlog=2048 chatsite.asgi:application
+	$(PY) -m chatsite.serve -e tcp:port=$(PORT):interface=$(HOST):backlog=2048 chatsite.asgi:application
 
 test: install-dev
 	$(PY) -m pytest $(PYTEST_ARGS)

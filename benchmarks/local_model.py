@@ -112,7 +112,8 @@ def main() -> None:
     connections.close_all()
     port = run.free_port()
     env = dict(bench.db.env)
-    argv = [run.PY, "-m", "daphne", "-e", f"tcp:port={port}:interface={run.HOST}:backlog=2048"]
+    endpoint = f"tcp:port={port}:interface={run.HOST}:backlog=2048"
+    argv = [run.PY, "-m", "chatsite.serve", "-e", endpoint]
     server = bench.spawn("daphne-local", argv + ["chatsite.asgi:application"], env, None)
     try:
         server.wait_port(port, path="/healthz")

@@ -271,7 +271,7 @@ class Bench:
     def start_daphne(self, name: str, fake_port: int, cpu: str | None) -> tuple[Proc, int]:
         port = free_port()
         env = {**self.db.env, "OPENAI_BASE_URL": f"http://{HOST}:{fake_port}/v1"}
-        argv = [PY, "-m", "daphne", "-e", f"tcp:port={port}:interface={HOST}:backlog=2048"]
+        argv = [PY, "-m", "chatsite.serve", "-e", f"tcp:port={port}:interface={HOST}:backlog=2048"]
         proc = self.spawn(name, argv + ["chatsite.asgi:application"], env, cpu)
         proc.wait_port(port, path="/healthz")
         return proc, port

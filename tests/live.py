@@ -76,7 +76,7 @@ class LiveServer:
             [
                 sys.executable,
                 "-m",
-                "daphne",
+                "chatsite.serve",  # daphne, as the README runs it
                 "-e",
                 f"tcp:port={self.port}:interface=127.0.0.1:backlog=512",
                 "chatsite.asgi:application",

@@ -1,10 +1,18 @@
-"""The server layer under daphne (chatsite.server_tuning): TCP writes sent at once, in order."""
+"""The server layer under daphne: TCP writes sent at once, in order (chatsite.server_tuning),
+and daphne started without TLS support (chatsite.serve)."""
 
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import time
+import urllib.request
+from pathlib import Path
 
+import pytest
+
+from chatsite import serve
 from tests.live import ROOT
 
 STATIC = "static/vendor/highlight-11.12.0.min.js"  # 129 KB: far more than one socket buffer
@@ -123,3 +131,59 @@ def test_daphne_reads_twisted_web_http_without_the_deprecation_proxy():
     server_tuning.install()
     assert not isinstance(http_protocol.http, _ModuleProxy)
     assert http_protocol.http.Request is http.Request  # the same module, only unwrapped
+
+
+# -- chatsite.serve: daphne without Twisted's TLS stack -------------------------------------------
+_REACTOR_WITH = """
+import sys
+from chatsite.serve import refuse_tls
+refuse_tls(sys.argv[1:])
+import daphne.cli  # imports Twisted and installs its reactor, as daphne's command line does
+from twisted.internet import reactor
+print(type(reactor).__name__, sys.modules.get("OpenSSL") is not None)
+"""
+
+
+def _reactor_with(*argv: str) -> str:
+    out = subprocess.run(
+        [sys.executable, "-c", _REACTOR_WITH, *argv],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return out.stdout.strip()
+
+
+def test_serve_runs_twisted_without_tls_for_a_plain_endpoint():
+    argv = ("-e", "tcp:port=8001:interface=127.0.0.1:backlog=2048", "chatsite.asgi:application")
+    assert _reactor_with(*argv) == "AsyncioSelectorReactor False"
+
+
+def test_serve_keeps_tls_for_an_ssl_endpoint():
+    argv = ("-e", "ssl:443:privateKey=key.pem:certKey=crt.pem", "chatsite.asgi:application")
+    assert _reactor_with(*argv) == "AsyncioSelectorReactor True"
+
+
+@pytest.mark.parametrize(
+    ("argv", "wanted"),
+    [
+        (["-b", "0.0.0.0", "-p", "8000", "chatsite.asgi:application"], False),
+        (["-e", "tcp:8000", "-e", "unix:/run/chat.sock", "chatsite.asgi:application"], False),
+        (["-e", "ssl:443:privateKey=k.pem"], True),
+        (["-essl:443:privateKey=k.pem"], True),
+        (["--endpoint=SSL:443:privateKey=k.pem"], True),
+        (["--endpoint", "tls:host=example.com:port=443"], True),
+        (["-e", "le:/srv/certs:tcp:443"], True),
+    ],
+)
+def test_serve_sees_which_endpoints_need_tls(argv, wanted):
+    assert serve.tls_wanted(argv) is wanted
+
+
+def test_the_live_server_runs_through_serve(daphne_server):
+    """The test server is started as the README starts a worker, and it serves."""
+    cmdline = (Path("/proc") / str(daphne_server.process.pid) / "cmdline").read_bytes()
+    assert b"chatsite.serve" in cmdline.split(b"\0")
+    assert urllib.request.urlopen(f"{daphne_server.url}/healthz", timeout=5).status == 200
