@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator
 
 from django.http import StreamingHttpResponse
 
 from .replies import HEARTBEAT, ReplyEnd
+
+log = logging.getLogger(__name__)
 
 # The scope key of the hooks chatsite.asgi runs the moment the client disconnects.
 DISCONNECT_HOOKS = "chatsite.disconnect_hooks"
@@ -22,12 +25,23 @@ def on_client_disconnect(request, hook) -> None:
 
     Django learns of a disconnect in its own task, then cancels the response's
     task, which only then runs the response generator's cleanup: several event
-    loop turns, each behind everything else queued. The hook runs in the first
-    of them (chatsite.asgi.ChatASGIHandler reads the disconnect message).
+    loop turns, each behind everything else queued. Under daphne the hook runs
+    when the socket reports the close (chatsite.server_tuning); otherwise when
+    chatsite.asgi.ChatASGIHandler reads the disconnect message.
     """
     hooks = request.scope.get(DISCONNECT_HOOKS)
     if hooks is not None:
         hooks.append(hook)
+
+
+def run_disconnect_hooks(hooks: list | None) -> None:
+    """Run each hook once: the server and the handler may both report one disconnect."""
+    while hooks:
+        hook = hooks.pop(0)
+        try:
+            hook()
+        except Exception:
+            log.exception("disconnect hook %r failed", hook)
 
 
 def sse_event(data: dict, event: str | None = None) -> bytes:

@@ -33,13 +33,12 @@ class ChatASGIHandler(ASGIHandler):
         if scope["type"] != "http":
             raise ValueError(f"Django can only handle ASGI/HTTP connections, not {scope['type']}.")
         sweeper_ensure()
-        hooks = scope[DISCONNECT_HOOKS] = []
+        hooks = scope.setdefault(DISCONNECT_HOOKS, [])  # daphne's list (server_tuning), or new
 
         async def receive_and_notify():
             message = await receive()
             if message["type"] == "http.disconnect":
-                for hook in hooks:
-                    hook()
+                run_disconnect_hooks(hooks)
             return message
 
         if scope["path"].startswith(SYNC_VIEW_PREFIXES):
@@ -53,7 +52,7 @@ django.setup(set_prefix=False)
 
 from chat import llm  # noqa: E402  (needs the apps loaded)
 from chat.replies import sweeper_ensure  # noqa: E402
-from chat.streaming import DISCONNECT_HOOKS  # noqa: E402
+from chat.streaming import DISCONNECT_HOOKS, run_disconnect_hooks  # noqa: E402
 
 # Build the model providers now: importing the openai package alone takes ~2 s
 # here, which would otherwise be paid by the first user's request.

@@ -1,4 +1,5 @@
-"""daphne's hot path, tuned: Twisted TCP writes sent at once, no deprecation proxy per frame.
+"""daphne's hot path, tuned: Twisted TCP writes sent at once, no deprecation proxy per frame,
+disconnect hooks run when the socket closes.
 
 1. daphne runs on Twisted, whose TCP transport never sends in `write()`: it
 queues the bytes, registers the socket with the event loop for writability,
@@ -17,6 +18,13 @@ Twisted's next write attempt then sees the error and closes the connection.
 2. Twisted replaces its `twisted.web.http` module with a proxy that warns on
 deprecated names, so each `http.Request` lookup in daphne's per-frame
 `handle_reply` costs ~2 µs. daphne's protocol module gets the real module.
+
+3. daphne tells the application of a lost connection by queueing an
+`http.disconnect` message, which the application reads on a later turn of
+the event loop, behind everything else ready to run. The disconnect hooks
+(chat.streaming.on_client_disconnect) run in Twisted's own callback instead,
+the moment the socket reports the close: an API client's upstream is then
+dropped before anything else runs.
 """
 
 from __future__ import annotations
@@ -31,7 +39,30 @@ def install() -> None:
         return
     _install_eager_writes()
     _install_real_http_module()
+    _install_disconnect_hooks()
     _installed = True
+
+
+def _install_disconnect_hooks() -> None:
+    from daphne import http_protocol, server
+
+    from chat.streaming import DISCONNECT_HOOKS, run_disconnect_hooks
+
+    create_application = server.Server.create_application
+    connection_lost = http_protocol.WebRequest.connectionLost
+
+    def create_application_with_hooks(self, protocol, scope):
+        if isinstance(protocol, http_protocol.WebRequest):
+            # The application adds its hooks to this list (chatsite.asgi).
+            protocol.chatsite_disconnect_hooks = scope[DISCONNECT_HOOKS] = []
+        return create_application(self, protocol, scope)
+
+    def connection_lost_with_hooks(self, reason):
+        run_disconnect_hooks(getattr(self, "chatsite_disconnect_hooks", None))
+        connection_lost(self, reason)
+
+    server.Server.create_application = create_application_with_hooks
+    http_protocol.WebRequest.connectionLost = connection_lost_with_hooks
 
 
 def _install_real_http_module() -> None:

@@ -47,7 +47,13 @@ def test_database_url() -> str:
 
 
 class LiveServer:
-    def __init__(self, *, upstream_url: str, extra_env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        *,
+        upstream_url: str,
+        extra_env: dict[str, str] | None = None,
+        app: str = "chatsite.asgi:application",
+    ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {
@@ -79,7 +85,7 @@ class LiveServer:
                 "chatsite.serve",  # daphne, as the README runs it
                 "-e",
                 f"tcp:port={self.port}:interface=127.0.0.1:backlog=512",
-                "chatsite.asgi:application",
+                app,
             ],
             cwd=ROOT,
             env=env,

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from chat import streaming
 from chatsite import serve
-from tests.live import ROOT
+from tests.live import ROOT, LiveServer
 
 STATIC = "static/vendor/highlight-11.12.0.min.js"  # 129 KB: far more than one socket buffer
 
@@ -187,3 +188,33 @@ def test_the_live_server_runs_through_serve(daphne_server):
     cmdline = (Path("/proc") / str(daphne_server.process.pid) / "cmdline").read_bytes()
     assert b"chatsite.serve" in cmdline.split(b"\0")
     assert urllib.request.urlopen(f"{daphne_server.url}/healthz", timeout=5).status == 200
+
+
+# -- disconnect hooks run from daphne's lost-connection callback --------------------------------
+def test_daphne_runs_disconnect_hooks_when_the_socket_closes():
+    app = "tests.disconnect_app:application"
+    server = LiveServer(upstream_url="http://127.0.0.1:9/v1", app=app)
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+            sock.sendall(b"GET /stream-1 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            assert b"ok" in sock.recv(4096)
+        deadline = time.monotonic() + 5
+        while "hook ran for /stream-1" not in Path(server.log.name).read_text():
+            assert time.monotonic() < deadline, "the hook did not run"
+            time.sleep(0.02)
+    finally:
+        server.stop()
+
+
+def test_each_disconnect_hook_runs_once_and_a_failing_one_does_not_stop_the_rest(caplog):
+    ran = []
+
+    def failing():
+        raise RuntimeError("boom")
+
+    hooks = [lambda: ran.append(1), failing, lambda: ran.append(3)]
+    streaming.run_disconnect_hooks(hooks)
+    streaming.run_disconnect_hooks(hooks)  # the handler reports the same disconnect later
+    streaming.run_disconnect_hooks(None)
+    assert ran == [1, 3] and hooks == []
+    assert "disconnect hook" in caplog.text
