@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
 import time
 import urllib.error
@@ -11,7 +12,7 @@ import urllib.request
 
 import pytest
 
-from chat.llm import openai_compat
+from chat.llm import fake_upstream, openai_compat
 from chat.llm.base import ChatMessage, Delta, GenerationParams, ProviderError
 from chat.llm.fake_upstream import MODELS, SECRET_DETAIL, XSS_TEXT, FakeUpstream
 from chat.llm.openai_compat import OpenAICompatProvider, validate_base_url
@@ -166,13 +167,69 @@ async def test_stream_many_concurrent_streams_complete(provider):
 
 # -- failures -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("status", [500, 401, 429])
-async def test_stream_upstream_error_is_safe_provider_error(provider, upstream, status):
+async def test_stream_upstream_error_is_safe_provider_error(provider, upstream, status, caplog):
     with pytest.raises(ProviderError) as info:
         await collect(provider, f"fake-error-{status}")
     message = str(info.value)
     assert f"HTTP {status}" in message
     assert_safe(message, upstream)
     assert info.value.__cause__ is None
+    # The log names the error's type and code from its body, never its message.
+    _, type_, code = fake_upstream._ERRORS[f"fake-error-{status}"]
+    assert f"HTTP {status} from the model server (type={type_!r} code={code!r})" in caplog.text
+    assert SECRET_DETAIL not in caplog.text
+
+
+async def test_stream_request_is_the_packages_with_this_body():
+    """What reaches the server: the openai package's URL and headers, and each
+    request's own body (the headers are built once per client, the body never kept)."""
+    seen: list[tuple[bytes, bytes]] = []
+
+    async def handle(reader, writer):
+        while True:  # keep-alive: the second request may come on the same connection
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except asyncio.IncompleteReadError:
+                return
+            length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+            seen.append((head, await reader.readexactly(length)))
+            body = b'data: {"choices":[{"delta":{"content":"hi"},"finish_reason":"stop"}]}\n\n'
+            body += b"data: [DONE]\n\n"
+            writer.write(
+                b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                + f"content-length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+            await writer.drain()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    provider = OpenAICompatProvider(
+        name="raw", base_url=f"http://127.0.0.1:{port}/v1", api_key=API_KEY
+    )
+    try:
+        for text in ("first question", "second, longer question ü"):
+            texts, final = await collect(provider, "m1", text=text, max_tokens=7)
+            assert [d.text for d in texts] == ["hi"] and final.finish_reason == "stop"
+    finally:
+        await provider.aclose()
+        server.close()
+    questions = ("first question", "second, longer question ü")
+    for (head, body), text in zip(seen, questions, strict=True):
+        request_line, *lines = head.decode().split("\r\n")
+        headers = {k.lower(): v for k, _, v in (line.partition(": ") for line in lines if line)}
+        assert request_line == "POST /v1/chat/completions HTTP/1.1"
+        assert headers["authorization"] == f"Bearer {API_KEY}"
+        assert headers["content-type"] == "application/json"
+        assert headers["user-agent"].startswith("AsyncOpenAI/Python ")
+        assert headers["x-stainless-raw-response"] == "stream"
+        assert json.loads(body) == {
+            "model": "m1",
+            "messages": [{"role": "user", "content": text}],
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "max_tokens": 7,
+        }
 
 
 async def test_stream_redirect_is_not_followed(provider, upstream):
