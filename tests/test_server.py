@@ -9,6 +9,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -222,3 +223,27 @@ def test_each_disconnect_hook_runs_once_and_a_failing_one_does_not_stop_the_rest
     streaming.run_disconnect_hooks(None)
     assert ran == [1, 3] and hooks == []
     assert "disconnect hook" in caplog.text
+
+
+# -- Twisted's form parsing, which daphne never reads, is off -------------------------------------
+def test_daphne_requests_skip_twisteds_form_parsing(monkeypatch):
+    from daphne import http_protocol
+    from twisted.web.test.requesthelper import DummyChannel
+
+    from chatsite import server_tuning
+
+    monkeypatch.setattr(http_protocol.WebRequest, "__init__", http_protocol.WebRequest.__init__)
+    server_tuning._install_no_form_parsing()  # undone by monkeypatch after the test
+
+    channel = DummyChannel()
+    channel.factory = SimpleNamespace(server=SimpleNamespace(protocol_connected=lambda p: None))
+    request = http_protocol.WebRequest(channel)
+    request.process = lambda: None  # the ASGI hand-off is not under test here
+    body = b"content=hello+world&model=fake"
+    request.requestHeaders.setRawHeaders(b"content-type", [b"application/x-www-form-urlencoded"])
+    request.requestHeaders.setRawHeaders(b"content-length", [str(len(body)).encode()])
+    request.gotLength(len(body))
+    request.handleContentChunk(body)
+    request.requestReceived(b"POST", b"/c/send/?x=1", b"HTTP/1.1")
+    assert request.args == {b"x": [b"1"]}  # the query string only: the body is not parsed
+    assert request.content.read() == body  # and reaches the application whole
