@@ -565,3 +565,31 @@ async def test_list_models_keeps_the_last_good_list_when_the_endpoint_fails(upst
     p._models_cache = None  # the cached answer expired
     p._client = lambda: Broken
     assert await p.list_models() == first
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b'{"choices":[{"delta":{"content":"tok1 "},"finish_reason":null}]}',
+        b'  {"a": 1}  ',
+        b'{"a": "\\u00fc \\ud83d\\ude00", "b": [1, 2.5, null, true]}',
+        '{"a": "ü"}'.encode("utf-16"),
+        b"[1, 2]",
+        b'"text"',
+        b"42",
+    ],
+)
+def test_chunk_json_is_parsed_as_json_loads_does(payload):
+    assert openai_compat._json_loads(payload) == json.loads(payload)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"", b"{", b'{"a": 1} x', b'{"a": 1}{"b": 2}', b"\xff\xfe{", b"nope", b'{"a":"\x01"}'],
+)
+def test_chunk_json_errors_are_json_loads_errors(payload):
+    with pytest.raises(ValueError) as expected:
+        json.loads(payload)
+    with pytest.raises(ValueError) as got:
+        openai_compat._json_loads(payload)
+    assert type(got.value) is type(expected.value)
