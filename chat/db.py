@@ -24,12 +24,15 @@ import atexit
 import concurrent.futures
 import contextlib
 import contextvars
+import functools
 import queue
 import threading
 from typing import Any
 
 from asgiref.sync import AsyncToSync, SyncToAsync, sync_to_async
+from django.core.handlers import asgi as asgi_handler
 from django.db import connection
+from django.dispatch import dispatcher
 
 
 def _call(func, args, kwargs):
@@ -118,21 +121,55 @@ _thread = DatabaseThread()
 
 
 def install() -> None:
-    """Make asgiref's thread-sensitive calls run on the database thread (once, at start-up)."""
+    """Make asgiref's thread-sensitive calls run on the database thread (once, at start-up).
+
+    Django's ASGI handler and its signals' `asend` also hop through
+    `sync_to_async` two or three times per request (the request_started and
+    request_finished receivers, `response.close()`); they get the direct
+    hand-off too (`sync_to_async_direct`).
+    """
     if SyncToAsync.single_thread_executor is not _thread:
         SyncToAsync.single_thread_executor = _thread
         atexit.register(_thread.shutdown)
+        asgi_handler.sync_to_async = dispatcher.sync_to_async = sync_to_async_direct
 
 
-async def run_db(func, /, *args, **kwargs) -> Any:
-    """Run the sync function `func` (ORM work) on the process's database thread."""
-    if (
+def _direct() -> bool:
+    """Whether asgiref would run a thread-sensitive call from here on the database thread.
+
+    Not when called from sync code through async_to_sync (tests), nor inside a
+    request's own thread-sensitive context: asgiref knows which thread that is.
+    """
+    return (
         SyncToAsync.single_thread_executor is _thread
         and getattr(AsyncToSync.executors, "current", None) is None
         and SyncToAsync.thread_sensitive_context.get(None) is None
         and asyncio.get_running_loop() not in AsyncToSync.loop_thread_executors
-    ):
+    )
+
+
+async def run_db(func, /, *args, **kwargs) -> Any:
+    """Run the sync function `func` (ORM work) on the process's database thread."""
+    if _direct():
         return await _thread.run(_call, (func, args, kwargs), {})
-    # Called from sync code through async_to_sync (tests), or inside a request's
-    # own thread-sensitive context: asgiref knows which thread that is.
     return await sync_to_async(_call, thread_sensitive=True)(func, args, kwargs)
+
+
+def sync_to_async_direct(func=None, /, *, thread_sensitive=True, executor=None, context=None):
+    """asgiref's `sync_to_async`, handing the call straight to the database thread
+    where asgiref would run it there anyway; asgiref's own way everywhere else."""
+    if func is None:  # used as @sync_to_async_direct(...)
+        options = {"thread_sensitive": thread_sensitive, "executor": executor, "context": context}
+        return functools.partial(sync_to_async_direct, **options)
+    if not thread_sensitive or executor is not None or context is not None:
+        return sync_to_async(
+            func, thread_sensitive=thread_sensitive, executor=executor, context=context
+        )
+
+    @functools.wraps(func)
+    async def call(*args, **kwargs):
+        if _direct():
+            return await _thread.run(func, args, kwargs)
+        return await sync_to_async(func, thread_sensitive=True)(*args, **kwargs)
+
+    return call

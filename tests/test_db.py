@@ -84,3 +84,37 @@ def test_shutdown_runs_what_was_queued_first():
     assert all(f.done() for f in futures)
     with pytest.raises(RuntimeError):
         thread.submit(done.append, 99)
+
+
+async def test_djangos_own_hops_take_the_direct_way_to_the_database_thread():
+    """request_started / request_finished receivers and response.close() run where
+    asgiref would run them (the database thread), through the direct hand-off."""
+    from django.core import signals
+    from django.core.handlers import asgi as asgi_handler
+    from django.dispatch import dispatcher
+
+    assert asgi_handler.sync_to_async is dispatcher.sync_to_async is db.sync_to_async_direct
+    seen = []
+
+    def receiver(**kwargs):
+        seen.append((threading.current_thread().name, request_id.get()))
+
+    request_id.set("req-9")
+    signals.request_started.connect(receiver)
+    try:
+        await signals.request_started.asend(sender=None, scope={})
+    finally:
+        signals.request_started.disconnect(receiver)
+    assert seen == [("chatsite-db", "req-9")]
+
+
+async def test_sync_to_async_direct_keeps_asgirefs_way_elsewhere():
+    from asgiref.sync import ThreadSensitiveContext
+
+    name = threading.current_thread
+    async with ThreadSensitiveContext():  # a sync view's own thread (admin, accounts)
+        assert (await db.sync_to_async_direct(name)()).name != "chatsite-db"
+    not_sensitive = db.sync_to_async_direct(thread_sensitive=False)(name)
+    assert (await not_sensitive()).name != "chatsite-db"
+    decorated = db.sync_to_async_direct(thread_sensitive=True)(lambda x: (x, name().name))
+    assert await decorated(5) == (5, "chatsite-db")

@@ -407,3 +407,37 @@ async def test_inbox_hands_over_everything_queued_in_order():
     inbox.put(replies.HEARTBEAT)
     assert await asyncio.wait_for(waiting, 1) == ["c", replies.HEARTBEAT]
     assert inbox.items == []
+
+
+async def test_sse_response_hands_the_server_its_own_generator():
+    """Django's handler iterates the frames generator itself (no wrapping layers) and
+    closes it when it stops early."""
+    from django.core.handlers.asgi import ASGIHandler
+
+    from chat.streaming import sse_response
+
+    closed = []
+
+    async def frames():
+        try:
+            yield b"data: 1\n\n"
+            yield b"data: 2\n\n"
+            yield b"data: 3\n\n"
+        finally:
+            closed.append(True)
+
+    events = frames()
+    response = sse_response(events)
+    assert aiter(response) is events
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+        if message.get("body") == b"data: 2\n\n":
+            raise OSError("the client went away")  # the server stops mid-stream
+
+    with pytest.raises(OSError):
+        await ASGIHandler().send_response(response, send)
+    assert sent[0]["type"] == "http.response.start"
+    assert [m["body"] for m in sent[1:]] == [b"data: 1\n\n", b"data: 2\n\n"]
+    assert closed == [True]  # closed at once, not when garbage-collected
