@@ -3,6 +3,7 @@ and daphne started without TLS support (chatsite.serve)."""
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -247,3 +248,13 @@ def test_daphne_requests_skip_twisteds_form_parsing(monkeypatch):
     request.requestReceived(b"POST", b"/c/send/?x=1", b"HTTP/1.1")
     assert request.args == {b"x": [b"1"]}  # the query string only: the body is not parsed
     assert request.content.read() == body  # and reaches the application whole
+
+
+def test_the_worker_tunes_the_garbage_collector_at_start_up():
+    """chatsite.asgi freezes what start-up imported and collects young objects less often."""
+    code = "import gc, chatsite.asgi; print(gc.get_threshold(), gc.get_freeze_count() > 10_000)"
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "chatsite.settings", "LOCAL_MODEL_PATH": "off"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert out.stdout.strip() == "(10000, 20, 20) True", out.stderr[-2000:]
