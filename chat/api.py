@@ -256,21 +256,19 @@ async def chat_completions(request: HttpRequest, key: ApiKey) -> HttpResponse:
     completion_id = f"chatcmpl-{assistant.pk}"
     on_client_disconnect(request, reply.abandon)  # nobody to resume for: stop at once
     if req["stream"]:
-        follow = replies.reply_follow(assistant)
-        try:
-            first = await _first_event(follow)
-        except asyncio.CancelledError:
-            reply.abandon()
-            await follow.aclose()
-            raise
-        if isinstance(first, ReplyEnd) and first.status == Message.Status.ERROR:
-            # Failed before its first token: a real HTTP status, as OpenAI answers.
-            await follow.aclose()
-            raise ApiError(first.error, 502, type="upstream_error", code="upstream_error")
-        chunks = _completion_chunks(
-            reply, follow, first, completion_id, model.id, req["include_usage"]
+        # The response goes back through the middleware now, while the model
+        # server works on the first token; it starts when that token is in.
+        response = sse_response(())
+        response.streaming_content = _completion_chunks(
+            response,
+            reply,
+            replies.reply_follow(assistant),
+            completion_id,
+            model.id,
+            req["include_usage"],
         )
-        return sse_response(chunks)
+        response.start_with_first_frame = True
+        return response
     try:
         end = await reply.wait()
     except asyncio.CancelledError:
@@ -311,24 +309,29 @@ def _usage(row: Message) -> dict:
 async def _first_event(follow: AsyncIterator) -> str | ReplyEnd | object:
     """The first token, the end, or a heartbeat (the upstream is silent) of a new reply.
 
-    The response starts only then, so an upstream that fails before its first
-    token gets an error status instead of a 200 stream holding an error. This
-    delays no token: the headers go out with the first one.
+    The response starts only then (`start_with_first_frame`), so an upstream
+    that fails before its first token gets an error status instead of a 200
+    stream holding an error. This delays no token: the headers go out with the
+    first one.
     """
     so_far = await anext(follow)  # a new reply has no text yet
     return so_far if so_far else await anext(follow)
 
 
 async def _completion_chunks(
+    response: HttpResponse,
     reply: replies.Reply,
     follow: AsyncIterator,
-    first: str | ReplyEnd | object,
     completion_id: str,
     model: str,
     include_usage: bool,
 ) -> AsyncIterator[bytes]:
-    """OpenAI's chunk stream for one reply, from its `first` event on; leaving early
-    abandons the reply."""
+    """OpenAI's chunk stream for one reply; leaving early abandons the reply.
+
+    The response starts with this generator's first frame (chatsite.asgi), so
+    a reply that fails before its first token can still turn `response` into
+    HTTP 502 with OpenAI's error body, as OpenAI answers.
+    """
     created = int(time.time())
     usage_field = ',"usage":null' if include_usage else ""
     head = json.dumps(
@@ -338,8 +341,19 @@ async def _completion_chunks(
     prefix = f'data: {head},"system_fingerprint":null,"choices":[{{"index":0,"delta":'.encode()
     suffix = f',"logprobs":null,"finish_reason":null}}]{usage_field}}}\n\n'.encode()
     try:
-        yield prefix + b'{"role":"assistant","content":""}' + suffix
-        item = first
+        item = await _first_event(follow)
+        if isinstance(item, ReplyEnd) and item.status == Message.Status.ERROR:
+            error = ApiError(item.error, 502, type="upstream_error", code="upstream_error")
+            response.status_code = 502
+            response["Content-Type"] = "application/json"
+            yield json.dumps(error.body()).encode()
+            return
+        role = prefix + b'{"role":"assistant","content":""}' + suffix
+        if isinstance(item, str) and item:  # the first token rides with the role: one write
+            yield role + prefix + b'{"content":' + json.dumps(item).encode() + b"}" + suffix
+            item = await anext(follow)
+        else:
+            yield role
         while True:
             if isinstance(item, str):
                 if item:

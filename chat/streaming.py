@@ -59,8 +59,48 @@ class SSEResponse(StreamingHttpResponse):
     handler our generator itself, which the handler also closes when it stops.
     """
 
+    # Set by a view whose generator may still change the status and headers
+    # until its first frame (see start_on_first_frame).
+    start_with_first_frame = False
+
     def __aiter__(self):
         return self._iterator  # what StreamingHttpResponse stored for `events`
+
+
+class _FirstThen:
+    """An async iterator: `first`, then the rest of `frames` (closed with it)."""
+
+    __slots__ = ("first", "frames")
+
+    def __init__(self, first: bytes, frames):
+        self.first, self.frames = first, frames
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> bytes:
+        first = self.first
+        if first is None:
+            return await self.frames.__anext__()
+        self.first = None
+        return first
+
+    async def aclose(self) -> None:
+        await self.frames.aclose()
+
+
+async def start_on_first_frame(response: StreamingHttpResponse) -> None:
+    """Hold a response's start until its generator gives its first frame.
+
+    chatsite.asgi calls this before Django sends the response. The view can
+    then return at once, so the response's trip back through the middleware
+    overlaps the wait for the model server, and the generator can still set
+    the status (an API stream whose upstream fails first gets HTTP 502).
+    """
+    frames = response._iterator
+    first = await anext(frames, None)
+    if first is not None:
+        response._iterator = _FirstThen(first, frames)
 
 
 def sse_response(events: AsyncIterator[bytes], status: int = 200) -> StreamingHttpResponse:

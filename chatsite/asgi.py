@@ -26,7 +26,9 @@ class ChatASGIHandler(ASGIHandler):
     long-lived sync thread instead; only SYNC_VIEW_PREFIXES keep Django's way.
 
     It also runs the hooks of chat.streaming.on_client_disconnect the moment
-    the client's disconnect message is read.
+    the client's disconnect message is read, and starts a response marked
+    `start_with_first_frame` only with its first frame
+    (chat.streaming.start_on_first_frame).
     """
 
     async def __call__(self, scope, receive, send):
@@ -47,12 +49,21 @@ class ChatASGIHandler(ASGIHandler):
         else:
             await self.handle(scope, receive_and_notify, send)
 
+    async def send_response(self, response, send):
+        if getattr(response, "start_with_first_frame", False):
+            await start_on_first_frame(response)  # the status may change until then
+        await super().send_response(response, send)
+
 
 django.setup(set_prefix=False)
 
 from chat import llm  # noqa: E402  (needs the apps loaded)
 from chat.replies import sweeper_ensure  # noqa: E402
-from chat.streaming import DISCONNECT_HOOKS, run_disconnect_hooks  # noqa: E402
+from chat.streaming import (  # noqa: E402
+    DISCONNECT_HOOKS,
+    run_disconnect_hooks,
+    start_on_first_frame,
+)
 
 # Build the model providers now: importing the openai package alone takes ~2 s
 # here, which would otherwise be paid by the first user's request.

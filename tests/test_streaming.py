@@ -441,3 +441,37 @@ async def test_sse_response_hands_the_server_its_own_generator():
     assert sent[0]["type"] == "http.response.start"
     assert [m["body"] for m in sent[1:]] == [b"data: 1\n\n", b"data: 2\n\n"]
     assert closed == [True]  # closed at once, not when garbage-collected
+
+
+async def test_a_response_can_start_with_its_first_frame():
+    """chatsite.asgi holds the start until the first frame, so the generator may still
+    set the status and headers; the frames then go out in order, and it is closed."""
+    from chat.streaming import sse_response
+    from chatsite.asgi import ChatASGIHandler
+
+    closed = []
+    response = sse_response(())
+
+    async def frames():
+        try:
+            await asyncio.sleep(0.01)  # the model server's first token
+            response.status_code = 502
+            response["Content-Type"] = "application/json"
+            yield b'{"error": 1}'
+            yield b"more"
+        finally:
+            closed.append(True)
+
+    response.streaming_content = frames()
+    response.start_with_first_frame = True
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    await ChatASGIHandler().send_response(response, send)
+    start = sent[0]
+    assert start["type"] == "http.response.start" and start["status"] == 502
+    assert (b"Content-Type", b"application/json") in start["headers"]
+    assert [m.get("body") for m in sent[1:]] == [b'{"error": 1}', b"more", None]  # None: the end
+    assert closed == [True]
