@@ -276,7 +276,7 @@ async def chat_completions(request: HttpRequest, key: ApiKey) -> HttpResponse:
         raise
     row = await run_db(Message.objects.get, pk=assistant.pk)
     if end.status == Message.Status.ERROR:
-        raise ApiError(end.error, 502, type="upstream_error", code="upstream_error")
+        raise _upstream_error(end.error)
     return JsonResponse(
         {
             "id": completion_id,
@@ -295,6 +295,11 @@ async def chat_completions(request: HttpRequest, key: ApiKey) -> HttpResponse:
             "usage": _usage(row),
         }
     )
+
+
+def _upstream_error(message: str) -> ApiError:
+    """A reply that failed upstream, as OpenAI reports it (HTTP 502)."""
+    return ApiError(message, 502, type="upstream_error", code="upstream_error")
 
 
 def _usage(row: Message) -> dict:
@@ -340,30 +345,32 @@ async def _completion_chunks(
     # Each token costs one json.dumps of its text: the frame around it is fixed.
     prefix = f'data: {head},"system_fingerprint":null,"choices":[{{"index":0,"delta":'.encode()
     suffix = f',"logprobs":null,"finish_reason":null}}]{usage_field}}}\n\n'.encode()
+
+    def content(text: str) -> bytes:
+        return prefix + b'{"content":' + json.dumps(text).encode() + b"}" + suffix
+
     try:
         item = await _first_event(follow)
         if isinstance(item, ReplyEnd) and item.status == Message.Status.ERROR:
-            error = ApiError(item.error, 502, type="upstream_error", code="upstream_error")
             response.status_code = 502
             response["Content-Type"] = "application/json"
-            yield json.dumps(error.body()).encode()
+            yield json.dumps(_upstream_error(item.error).body()).encode()
             return
         role = prefix + b'{"role":"assistant","content":""}' + suffix
         if isinstance(item, str) and item:  # the first token rides with the role: one write
-            yield role + prefix + b'{"content":' + json.dumps(item).encode() + b"}" + suffix
+            yield role + content(item)
             item = await anext(follow)
         else:
             yield role
         while True:
             if isinstance(item, str):
                 if item:
-                    yield prefix + b'{"content":' + json.dumps(item).encode() + b"}" + suffix
+                    yield content(item)
             elif item is HEARTBEAT:
                 yield PING
             elif isinstance(item, ReplyEnd):
                 if item.status == Message.Status.ERROR:
-                    error = ApiError(item.error, 502, type="upstream_error", code="upstream_error")
-                    yield f"data: {json.dumps(error.body())}\n\n".encode()
+                    yield f"data: {json.dumps(_upstream_error(item.error).body())}\n\n".encode()
                     return
                 yield _final_chunks(head, item, include_usage)
                 yield b"data: [DONE]\n\n"

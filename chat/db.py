@@ -43,7 +43,8 @@ def _call(func, args, kwargs):
     return func(*args, **kwargs)
 
 
-def _resolve(future: asyncio.Future, result, error: BaseException | None) -> None:
+def _resolve(future, result, error: BaseException | None) -> None:
+    """Settle an asyncio or concurrent future, unless its caller gave up on it."""
     if future.done():  # the caller was cancelled; the work itself still ran to its end
         return
     if error is not None:
@@ -88,23 +89,20 @@ class DatabaseThread(concurrent.futures.Executor):
     def _work(self) -> None:
         while (item := self._queue.get()) is not None:
             loop, future, fn, args, kwargs, context = item
-            if loop is None:  # submit(): a concurrent future
-                if future.set_running_or_notify_cancel():
-                    try:
-                        result = fn(*args, **kwargs)
-                    except BaseException as exc:
-                        future.set_exception(exc)
-                    else:
-                        future.set_result(result)
+            # submit()'s concurrent future (loop None) may have been cancelled while queued.
+            if loop is None and not future.set_running_or_notify_cancel():
                 continue
             result = error = None
             try:
-                result = context.run(fn, *args, **kwargs)
+                result = context.run(fn, *args, **kwargs) if context else fn(*args, **kwargs)
             except BaseException as exc:
                 error = exc
-            # RuntimeError: that event loop has closed, so nobody is waiting.
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(_resolve, future, result, error)
+            if loop is None:
+                _resolve(future, result, error)
+            else:
+                # RuntimeError: that event loop has closed, so nobody is waiting.
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(_resolve, future, result, error)
             del item, future, result, error  # nothing of a call outlives it here
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
