@@ -27,19 +27,42 @@ import contextvars
 import functools
 import queue
 import threading
+import time
 from typing import Any
 
 from asgiref.sync import AsyncToSync, SyncToAsync, sync_to_async
+from django.core import signals
 from django.core.handlers import asgi as asgi_handler
-from django.db import connection
+from django.db import close_old_connections as django_close_old_connections
+from django.db import connection, connections
 from django.dispatch import dispatcher
+
+# How often a thread's connection is checked (CONN_MAX_AGE, and with
+# CONN_HEALTH_CHECKS a query: a round trip on PostgreSQL). Django checks once per
+# request, assuming a connection per request; the database thread's one connection
+# serves every request, so a check per request cost each request four round trips.
+CONNECTION_CHECK_SECONDS = 1.0
+
+
+def check_connection(wrapper=connection) -> None:
+    """Drop the thread's connection if it is obsolete or broken, at most once a second
+    unless an error occurred on it; never one inside a transaction (as in a test)."""
+    if wrapper.in_atomic_block:
+        return
+    now = time.monotonic()
+    if wrapper.errors_occurred or now >= getattr(wrapper, "chatsite_next_check", 0.0):
+        wrapper.close_if_unusable_or_obsolete()
+        wrapper.chatsite_next_check = now + CONNECTION_CHECK_SECONDS
+
+
+def close_old_connections(**kwargs) -> None:
+    """Django's request_started/request_finished receiver of that name, throttled."""
+    for wrapper in connections.all(initialized_only=True):
+        check_connection(wrapper)
 
 
 def _call(func, args, kwargs):
-    # Replies write between requests too: drop a connection that is obsolete or
-    # broken (never one inside a transaction, as in a test).
-    if not connection.in_atomic_block:
-        connection.close_if_unusable_or_obsolete()
+    check_connection()  # replies write between requests too
     return func(*args, **kwargs)
 
 
@@ -124,12 +147,16 @@ def install() -> None:
     Django's ASGI handler and its signals' `asend` also hop through
     `sync_to_async` two or three times per request (the request_started and
     request_finished receivers, `response.close()`); they get the direct
-    hand-off too (`sync_to_async_direct`).
+    hand-off too (`sync_to_async_direct`). Those receivers check connections at
+    most once a second (`close_old_connections`).
     """
     if SyncToAsync.single_thread_executor is not _thread:
         SyncToAsync.single_thread_executor = _thread
         atexit.register(_thread.shutdown)
         asgi_handler.sync_to_async = dispatcher.sync_to_async = sync_to_async_direct
+        for signal in (signals.request_started, signals.request_finished):
+            signal.disconnect(django_close_old_connections)
+            signal.connect(close_old_connections)
 
 
 def _direct() -> bool:

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import os
+import subprocess
+import sys
 import threading
 
 import pytest
 from asgiref.sync import SyncToAsync, async_to_sync, sync_to_async
+from django.conf import settings
 
 from chat import db
 from chat.models import Conversation
@@ -118,3 +122,83 @@ async def test_sync_to_async_direct_keeps_asgirefs_way_elsewhere():
     assert (await not_sensitive()).name != "chatsite-db"
     decorated = db.sync_to_async_direct(thread_sensitive=True)(lambda x: (x, name().name))
     assert await decorated(5) == (5, "chatsite-db")
+
+
+async def test_the_connection_is_checked_at_most_once_a_second_unless_a_query_failed(
+    monkeypatch,
+):
+    """Django checks a connection (CONN_MAX_AGE; CONN_HEALTH_CHECKS: a query, a round trip
+    on PostgreSQL) before each request's first query; the database thread's connection
+    serves every request, so it is checked once a second, and at once after an error."""
+    from django.db import DatabaseError, connection
+    from django.db.backends.base.base import BaseDatabaseWrapper
+
+    checks: list[float] = []
+    original = BaseDatabaseWrapper.close_if_unusable_or_obsolete
+
+    def counting(self):
+        checks.append(1)
+        return original(self)
+
+    monkeypatch.setattr(BaseDatabaseWrapper, "close_if_unusable_or_obsolete", counting)
+
+    def due_now():
+        connection.chatsite_next_check = 0.0
+
+    await db.run_db(due_now)
+    checks.clear()
+    for _ in range(20):
+        await db.run_db(Conversation.objects.count)
+    assert len(checks) == 1
+
+    def failing_query():
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT no_such_column FROM no_such_table")
+
+    with pytest.raises(DatabaseError):
+        await db.run_db(failing_query)
+    assert await db.run_db(Conversation.objects.count) == 0  # the connection still works
+    assert len(checks) == 2  # checked again right after the error
+
+    monkeypatch.setattr(db, "CONNECTION_CHECK_SECONDS", 0.0)
+    await db.run_db(due_now)  # the last check set the next one a second ahead
+    for _ in range(3):
+        await db.run_db(Conversation.objects.count)
+    assert len(checks) == 5  # with no interval, every call checks
+
+
+async def test_a_dropped_connection_is_replaced_once_the_check_is_due():
+    from django.db import connection
+
+    if connection.vendor == "sqlite":
+        pytest.skip("no server to drop an SQLite connection; Django deems it always usable")
+
+    def close_under_django():
+        connection.ensure_connection()
+        connection.connection.close()  # as if the server had dropped it
+        connection.chatsite_next_check = 0.0  # a second has passed
+
+    await db.run_db(close_under_django)
+    assert await db.run_db(Conversation.objects.count) == 0
+
+
+def test_the_request_signals_run_the_throttled_check():
+    # In a process of its own: Django's test client reconnects Django's receiver.
+    probe = (
+        "import django; django.setup()\n"
+        "from django.core import signals\n"
+        "from django.db import close_old_connections\n"
+        "from chat import db\n"
+        "for signal in (signals.request_started, signals.request_finished):\n"
+        "    receivers = [entry[1]() for entry in signal.receivers]\n"
+        "    print(db.close_old_connections in receivers, close_old_connections in receivers)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=settings.BASE_DIR,
+        env={**os.environ, "DJANGO_SETTINGS_MODULE": "chatsite.settings"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.stdout.split() == ["True", "False", "True", "False"]
