@@ -129,7 +129,16 @@ class Message(models.Model):
         ordering = ["created", "id"]
         indexes = [
             models.Index(fields=["conversation", "id"]),
-            models.Index(fields=["status", "updated"]),
+            # The replies running now, whatever the history's size: the quota check
+            # before every reply counts a user's, the sweeper looks for stale ones.
+            # PostgreSQL otherwise walked all of the user's conversations while its
+            # statistics were stale (4.7 ms at 440 rows), and the index it replaces,
+            # (status, updated), took a new entry at every checkpoint.
+            models.Index(
+                fields=["conversation"],
+                condition=models.Q(status="streaming"),
+                name="chat_message_streaming",
+            ),
         ]
 
     def __str__(self) -> str:
