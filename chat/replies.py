@@ -13,6 +13,7 @@ import contextlib
 import contextvars
 import logging
 import time
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -89,9 +90,7 @@ class Reply:
         self._started = False
         self._streaming = True
         self._cancel_requested = False
-        self._checkpoint: asyncio.Task | None = None
-        self._checkpoint_timer: asyncio.TimerHandle | None = None
-        self._last_save = 0.0
+        self.unsaved = False  # text that no checkpoint has taken yet
         self._abort_hooks: list = []  # the provider's ways to drop its upstream at once
 
     @property
@@ -174,7 +173,7 @@ class Reply:
         ttft_ms = None
         usage: dict = {}
         end = ReplyEnd(status=Message.Status.COMPLETE)
-        self._last_save = started
+        checkpoints = checkpoint_writer()
         stream = self.provider.stream(self.messages, self.params)
         try:
             if self._cancel_requested:  # stopped before the task first ran
@@ -185,8 +184,9 @@ class Reply:
                         ttft_ms = int((time.monotonic() - started) * 1000)
                     self.parts.append(delta.text)
                     self._publish(delta.text)
-                    if self._checkpoint_timer is None:
-                        self._checkpoint_soon()
+                    if not self.unsaved:
+                        self.unsaved = True
+                        checkpoints.add(self)
                 if delta.finish_reason:
                     end.finish_reason = delta.finish_reason
                 if delta.prompt_tokens is not None:
@@ -208,15 +208,11 @@ class Reply:
             end = ReplyEnd(status=Message.Status.ERROR, error="Internal error while generating.")
         finally:
             self._streaming = False
-            if self._checkpoint_timer is not None:
-                self._checkpoint_timer.cancel()
+            checkpoints.discard(self)  # the final save below carries all the text
             # Closing the provider's generator closes the upstream stream now,
             # so a stopped reply stops spending tokens.
             with contextlib.suppress(Exception):
                 await stream.aclose()
-        if self._checkpoint is not None:
-            with contextlib.suppress(Exception):
-                await self._checkpoint
         end.prompt_tokens = usage.get("prompt_tokens")
         end.completion_tokens = usage.get("completion_tokens")
         self.end = end
@@ -241,31 +237,75 @@ class Reply:
             self._publish(end)
             self._subscribers.clear()
 
-    def _checkpoint_soon(self) -> None:
-        """Save new text at most CHAT_CHECKPOINT_SECONDS after the last save.
 
-        A timer, not the next token, triggers the save: text that arrived just
-        before the upstream fell silent is stored too, and a killed process
-        loses at most that interval of text.
-        """
-        delay = self._last_save + settings.CHAT_CHECKPOINT_SECONDS - time.monotonic()
-        self._checkpoint_timer = asyncio.get_running_loop().call_later(
-            max(0.0, delay), self._checkpoint_save
-        )
+class CheckpointWriter:
+    """Saves the text of this process's running replies, all in one database call.
 
-    def _checkpoint_save(self) -> None:
-        self._checkpoint_timer = None
-        if not self._streaming:
+    A reply with new text joins the next batch. The first addition after a save
+    arms a timer of CHAT_CHECKPOINT_SECONDS; when it fires, every reply with
+    unsaved text is stored together (`services.reply_checkpoints`). So each
+    reply is saved at most once per interval, text is stored at most an
+    interval after it arrived (also when the upstream then falls silent, and a
+    killed process loses at most that), and the database gets one call per
+    interval instead of one per reply: at 500 streams, 500 calls a second fewer.
+    One batch is in flight at a time; the next carries more.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop = loop
+        self._pending: dict[int, Reply] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._saving: asyncio.Task | None = None
+        self._since = 0.0  # when the oldest unsaved text arrived
+
+    def add(self, reply: Reply) -> None:
+        if not self._pending:
+            self._since = time.monotonic()
+        self._pending[reply.message_id] = reply
+        self._arm()
+
+    def discard(self, reply: Reply) -> None:
+        self._pending.pop(reply.message_id, None)
+
+    def _arm(self) -> None:
+        if self._timer is not None or (self._saving is not None and not self._saving.done()):
+            return  # a batch is due or in flight; it re-arms when done
+        if not self._pending:
             return
-        if self._checkpoint is not None and not self._checkpoint.done():
-            self._checkpoint_soon()  # one save in flight at a time; the next carries more
-            return
-        self._last_save = time.monotonic()
-        # Saved without holding up the next token.
-        self._checkpoint = asyncio.get_running_loop().create_task(
-            run_db(services.reply_checkpoint, message_id=self.message_id, content=self.text),
-            context=contextvars.Context(),
+        delay = self._since + settings.CHAT_CHECKPOINT_SECONDS - time.monotonic()
+        self._timer = self._loop.call_later(max(0.0, delay), self._save)
+
+    def _save(self) -> None:
+        self._timer = None
+        batch, self._pending = self._pending, {}
+        rows = []
+        for reply in batch.values():
+            reply.unsaved = False  # from here on new text joins the next batch
+            rows.append((reply.message_id, reply.text))
+        # Saved without holding up the next token, in a context of its own.
+        self._saving = self._loop.create_task(
+            run_db(services.reply_checkpoints, rows), context=contextvars.Context()
         )
+        self._saving.add_done_callback(self._saved)
+
+    def _saved(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            # The next batch tries again with those replies' new text; the final
+            # save stores it all in any case.
+            log.error("a checkpoint batch failed", exc_info=task.exception())
+        self._arm()
+
+
+_writers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def checkpoint_writer() -> CheckpointWriter:
+    """The running event loop's checkpoint writer (one per loop: a process, or a test)."""
+    loop = asyncio.get_running_loop()
+    writer = _writers.get(loop)
+    if writer is None:
+        writer = _writers[loop] = CheckpointWriter(loop)
+    return writer
 
 
 def reply_start(

@@ -315,6 +315,23 @@ def _row_insert(obj) -> int:
 _UPDATE_SQL: dict[tuple, str] = {}
 
 
+def _update_sql(model, columns: tuple[str, ...], only_if: tuple[str, ...]) -> str:
+    """UPDATE model SET columns... WHERE pk = %s AND only_if... = %s, built once."""
+    db = connections[DEFAULT_DB_ALIAS]
+    key = (db.vendor, model, columns, only_if)
+    sql = _UPDATE_SQL.get(key)
+    if sql is None:
+        quote = db.ops.quote_name
+        meta = model._meta
+        sql = _UPDATE_SQL[key] = (
+            f"UPDATE {quote(meta.db_table)} SET "
+            + ", ".join(f"{quote(meta.get_field(name).column)} = %s" for name in columns)
+            + f" WHERE {quote(meta.pk.column)} = %s"
+            + "".join(f" AND {quote(meta.get_field(name).column)} = %s" for name in only_if)
+        )
+    return sql
+
+
 def _row_update(model, pk: int, values: dict, only_if: dict | None = None) -> None:
     """UPDATE one row's `values` by primary key (and `only_if` column values).
 
@@ -324,17 +341,7 @@ def _row_update(model, pk: int, values: dict, only_if: dict | None = None) -> No
     """
     db = connections[DEFAULT_DB_ALIAS]
     only_if = only_if or {}
-    key = (db.vendor, model, tuple(values), tuple(only_if))
-    sql = _UPDATE_SQL.get(key)
-    if sql is None:
-        quote = db.ops.quote_name
-        columns = model._meta
-        sql = _UPDATE_SQL[key] = (
-            f"UPDATE {quote(columns.db_table)} SET "
-            + ", ".join(f"{quote(columns.get_field(name).column)} = %s" for name in values)
-            + f" WHERE {quote(columns.pk.column)} = %s"
-            + "".join(f" AND {quote(columns.get_field(name).column)} = %s" for name in only_if)
-        )
+    sql = _update_sql(model, tuple(values), tuple(only_if))
     params = [
         _db_value(model._meta.get_field(name), value, db)
         for name, value in (*values.items(), *only_if.items())
@@ -414,14 +421,24 @@ def trim_context(
     return system + kept
 
 
-def reply_checkpoint(*, message_id: int, content: str) -> None:
-    """Store the text so far of a running reply (one UPDATE, about once a second)."""
-    _row_update(
-        Message,
-        message_id,
-        {"content": clean_text(content), "updated": timezone.now()},
-        only_if={"status": Message.Status.STREAMING},
-    )
+def reply_checkpoints(rows: list[tuple[int, str]]) -> None:
+    """Store the text so far of running replies: (message id, text) pairs, about once
+    a second for all of a process's replies together. A reply that has ended keeps its
+    final text (only rows still `streaming` are updated)."""
+    if not rows:
+        return
+    db = connections[DEFAULT_DB_ALIAS]
+    sql = _update_sql(Message, ("content", "updated"), ("status",))
+    now = _db_value(Message._meta.get_field("updated"), timezone.now(), db)
+    # A few rows per transaction: SQLite's write lock is held for no longer than that.
+    for start in range(0, len(rows), CHECKPOINT_ROWS_PER_TRANSACTION):
+        chunk = rows[start : start + CHECKPOINT_ROWS_PER_TRANSACTION]
+        params = [(clean_text(text), now, pk, Message.Status.STREAMING) for pk, text in chunk]
+        with transaction.atomic(), db.cursor() as cursor:
+            cursor.executemany(sql, params)
+
+
+CHECKPOINT_ROWS_PER_TRANSACTION = 100
 
 
 def reply_finish(

@@ -32,17 +32,17 @@ async def _send(cookie: str, content: str = "hello", model: str = "scripted", pa
 
 async def _count_writes(monkeypatch) -> dict:
     counts = {"checkpoint": 0, "finish": 0}
-    checkpoint, finish = services.reply_checkpoint, services.reply_finish
+    checkpoints, finish = services.reply_checkpoints, services.reply_finish
 
-    def counting_checkpoint(**kwargs):
-        counts["checkpoint"] += 1
-        return checkpoint(**kwargs)
+    def counting_checkpoints(rows):
+        counts["checkpoint"] += len(rows)  # row writes, whatever the batching
+        return checkpoints(rows)
 
     def counting_finish(**kwargs):
         counts["finish"] += 1
         return finish(**kwargs)
 
-    monkeypatch.setattr(services, "reply_checkpoint", counting_checkpoint)
+    monkeypatch.setattr(services, "reply_checkpoints", counting_checkpoints)
     monkeypatch.setattr(services, "reply_finish", counting_finish)
     return counts
 
@@ -475,3 +475,52 @@ async def test_a_response_can_start_with_its_first_frame():
     assert (b"Content-Type", b"application/json") in start["headers"]
     assert [m.get("body") for m in sent[1:]] == [b'{"error": 1}', b"more", None]  # None: the end
     assert closed == [True]
+
+
+async def test_checkpoints_of_concurrent_replies_share_one_database_call(
+    user, scripted, monkeypatch, settings
+):
+    settings.CHAT_CHECKPOINT_SECONDS = 0.1
+    settings.CHAT_MAX_CONCURRENT_REPLIES = 10
+    calls: list[list[int]] = []
+    checkpoints = services.reply_checkpoints
+
+    def counting(rows):
+        calls.append([pk for pk, _ in rows])
+        return checkpoints(rows)
+
+    monkeypatch.setattr(services, "reply_checkpoints", counting)
+    conversation = await Conversation.objects.acreate(owner=user, model="scripted")
+
+    async def running_reply(text: str) -> replies.Reply:
+        _, row = await run_db(
+            services.message_send, conversation=conversation, content="q", model="scripted"
+        )
+        reply = replies.Reply(row.pk, scripted, [], None)
+        reply.parts.append(text)
+        reply.unsaved = True
+        return reply
+
+    writer = replies.checkpoint_writer()
+    one, two, three = [await running_reply(t) for t in ("one ", "two ", "three ")]
+    for reply in (one, two, three):
+        writer.add(reply)
+    writer.discard(three)  # it ended: its final save carries the text
+    await asyncio.sleep(0.05)
+    assert calls == []  # not before the interval is up
+    await asyncio.sleep(0.15)
+    assert calls == [[one.message_id, two.message_id]]
+    assert not one.unsaved and not two.unsaved
+
+    one.parts.append("more")
+    one.unsaved = True
+    writer.add(one)
+    await asyncio.sleep(0.2)
+    assert calls == [[one.message_id, two.message_id], [one.message_id]]
+    stored = {
+        m.pk: m.content
+        async for m in Message.objects.filter(
+            pk__in=[one.message_id, two.message_id, three.message_id]
+        )
+    }
+    assert stored == {one.message_id: "one more", two.message_id: "two ", three.message_id: ""}
