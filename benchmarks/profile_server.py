@@ -1,9 +1,10 @@
 """Where chatsite's server CPU goes under load: py-spy on one daphne, summarised.
 
-    .venv/bin/python benchmarks/profile_server.py [-c 100] [-n 400] [--seconds 8]
+    .venv/bin/python benchmarks/profile_server.py [-c 100] [-n 400] [--seconds 8] [--mode browser]
 
 Sets up the bench database and fake upstream as `make bench` does (benchmarks/run.py),
-starts one daphne pinned to core 0, runs C concurrent API streams (100 tokens
+starts one daphne pinned to core 0, runs C concurrent API streams (or, with
+`--mode browser`, the chat page's `POST /c/send/` with a session; 100 tokens
 20 ms apart unless told otherwise) from core 1 and, while they run, samples the daphne with
 `py-spy record --gil -f raw`. Prints the functions with the largest shares of the
 samples, inclusive (on the stack) and exclusive (at the top), as Markdown tables.
@@ -54,8 +55,13 @@ def summarise(raw: Path, top: int) -> str:
 
 async def profile(bench: run.Bench, a) -> Path:
     server, port = bench.start_daphne("daphne", bench.fake_port, "0")
-    target = [loadgen.openai_request(run.HOST, port, api_key=bench.db.api_key)]
-    await loadgen.run_load(target, 20, 40, expect=a.tokens)  # warm-up
+    if a.mode == "browser":  # the chat page's own stream: session cookie, CSRF, /c/send/
+        target = [
+            loadgen.browser_request(run.HOST, port, session=bench.db.session, csrf=bench.db.csrf)
+        ]
+    else:
+        target = [loadgen.openai_request(run.HOST, port, api_key=bench.db.api_key)]
+    await loadgen.run_load(target, 20, 40, mode=a.mode, expect=a.tokens)  # warm-up
     raw = bench.tmp / "profile.txt"
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     spy = subprocess.Popen(
@@ -64,7 +70,9 @@ async def profile(bench: run.Bench, a) -> Path:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    summary, _ = await loadgen.run_load(target, a.concurrency, a.requests, expect=a.tokens)
+    summary, _ = await loadgen.run_load(
+        target, a.concurrency, a.requests, mode=a.mode, expect=a.tokens
+    )
     spy.wait(a.seconds + 30)
     print(
         f"load: {a.concurrency} streams, first token p50 {summary['ttft_p50_ms']} ms, "
@@ -82,6 +90,7 @@ def main() -> None:
     p.add_argument("--top", type=int, default=40)
     p.add_argument("--tokens", type=int, default=100, help="tokens per stream")
     p.add_argument("--gap-ms", type=float, default=20.0, help="between tokens")
+    p.add_argument("--mode", choices=("openai", "browser"), default="openai")
     a = p.parse_args()
     args = argparse.Namespace(tokens=a.tokens, gap_ms=a.gap_ms, warmup=20)
     bench = run.Bench(args)

@@ -31,10 +31,15 @@ import time
 from typing import Any
 
 from asgiref.sync import AsyncToSync, SyncToAsync, sync_to_async
+from django.contrib.auth import backends as auth_backends
+from django.contrib.sessions.backends import base as session_base
+from django.contrib.sessions.backends import db as session_db
 from django.core import signals
 from django.core.handlers import asgi as asgi_handler
 from django.db import close_old_connections as django_close_old_connections
 from django.db import connection, connections
+from django.db.models import base as model_base
+from django.db.models import query as model_query
 from django.dispatch import dispatcher
 
 # How often a thread's connection is checked (CONN_MAX_AGE, and with
@@ -141,19 +146,35 @@ class DatabaseThread(concurrent.futures.Executor):
 _thread = DatabaseThread()
 
 
+# Django's modules that hop to the database thread through asgiref's sync_to_async on
+# the chat page's path: the handler and signals, and for the async ORM and a page's
+# session and user (`request.auser()`) the query, model, session and auth backends.
+_HOPPING_MODULES = (
+    asgi_handler,
+    dispatcher,
+    auth_backends,
+    session_base,
+    session_db,
+    model_base,
+    model_query,
+)
+
+
 def install() -> None:
     """Make asgiref's thread-sensitive calls run on the database thread (once, at start-up).
 
     Django's ASGI handler and its signals' `asend` also hop through
     `sync_to_async` two or three times per request (the request_started and
-    request_finished receivers, `response.close()`); they get the direct
-    hand-off too (`sync_to_async_direct`). Those receivers check connections at
-    most once a second (`close_old_connections`).
+    request_finished receivers, `response.close()`), and a page's session and
+    user load twice more; they get the direct hand-off too
+    (`sync_to_async_direct`, in `_HOPPING_MODULES`). Those receivers check
+    connections at most once a second (`close_old_connections`).
     """
     if SyncToAsync.single_thread_executor is not _thread:
         SyncToAsync.single_thread_executor = _thread
         atexit.register(_thread.shutdown)
-        asgi_handler.sync_to_async = dispatcher.sync_to_async = sync_to_async_direct
+        for module in _HOPPING_MODULES:
+            module.sync_to_async = sync_to_async_direct
         for signal in (signals.request_started, signals.request_finished):
             signal.disconnect(django_close_old_connections)
             signal.connect(close_old_connections)

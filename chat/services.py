@@ -179,12 +179,7 @@ def message_send(
             parent_id = parent.pk
         else:
             parent_id = locked.current_leaf_id
-        user_message = Message.objects.create(
-            conversation=locked,
-            parent_id=parent_id,
-            role=Message.Role.USER,
-            content=content,
-        )
+        user_message = _user_message_insert(locked, parent_id, content)
         assistant = _reply_row_create(conversation=locked, parent_id=user_message.pk, model=model)
     conversation.current_leaf = assistant
     conversation.model = model
@@ -194,14 +189,31 @@ def message_send(
 def conversation_start(
     *, owner, model: str, content: str, chat_settings: dict
 ) -> tuple[Conversation, Message, Message]:
-    """A new chat with its first message, all or nothing: no empty chat left behind."""
+    """A new chat with its first message, all or nothing: no empty chat left behind.
+
+    Every new chat from the page pays for this before its first token, so the
+    rows go in as plain INSERTs, as in api_conversation_create.
+    """
+    content = validate_message_content(content)
+    check_reply_quota(owner.pk)
+    conversation = Conversation(
+        owner=owner, model=model, title=clean_text(title_fallback(content))[:200], **chat_settings
+    )
     with transaction.atomic():
-        conversation = conversation_create(owner=owner, model=model, title=title_fallback(content))
-        conversation_settings_update(conversation=conversation, **chat_settings)
-        user_message, assistant = message_send(
-            conversation=conversation, content=content, model=model
+        conversation.pk = _row_insert(conversation)  # nobody can send into it before this commits
+        user_message = _user_message_insert(conversation, None, content)
+        assistant = _reply_row_create(
+            conversation=conversation, parent_id=user_message.pk, model=model
         )
     return conversation, user_message, assistant
+
+
+def _user_message_insert(conversation: Conversation, parent_id: int | None, content: str):
+    message = Message(
+        conversation=conversation, parent_id=parent_id, role=Message.Role.USER, content=content
+    )
+    message.pk = _row_insert(message)
+    return message
 
 
 def _reply_row_create(*, conversation: Conversation, parent_id: int | None, model: str) -> Message:

@@ -202,3 +202,25 @@ def test_the_request_signals_run_the_throttled_check():
         check=True,
     )
     assert out.stdout.split() == ["True", "False", "True", "False"]
+
+
+async def test_the_async_orm_session_and_user_load_take_the_direct_hand_off(user, monkeypatch):
+    from django.contrib.sessions.backends.db import SessionStore
+
+    handed: list[object] = []
+    run = db._thread.run
+
+    async def counting(fn, args, kwargs):
+        handed.append(fn)
+        return await run(fn, args, kwargs)
+
+    monkeypatch.setattr(db._thread, "run", counting)
+    assert await Conversation.objects.acount() == 0
+    session = SessionStore()
+    await session.aset("k", "v")
+    await session.asave()
+    assert await SessionStore(session.session_key).aget("k") == "v"
+    from django.contrib.auth.backends import ModelBackend
+
+    assert (await ModelBackend().aget_user(user.pk)) == user
+    assert len(handed) >= 4  # count, save, load, get_user: none through asgiref's executor
