@@ -148,8 +148,12 @@ async def message_send(request: HttpRequest, pk: int | None = None) -> HttpRespo
             )
     except services.InputError as exc:
         return _error(str(exc), exc.status)
+    context = None
+    if user_message.parent_id is None:  # a first message: the whole path, no need to read it
+        turns = [llm.ChatMessage(user_message.role, user_message.content)]
+        context = services.trim_context(conversation.system_prompt, turns, model.context_chars)
     return await _start_reply(
-        conversation, assistant, model, {"user_message": user_message.pk}, user_message
+        conversation, assistant, model, {"user_message": user_message.pk}, user_message, context
     )
 
 
@@ -209,8 +213,11 @@ async def _start_reply(
     model: llm.ModelInfo,
     start: dict,
     user_message: Message | None = None,
+    context: list[llm.ChatMessage] | None = None,
 ) -> HttpResponse:
-    context = await run_db(services.reply_context, conversation, assistant, model.context_chars)
+    """Start the reply (its `context` read from the database unless given) and stream it."""
+    if context is None:
+        context = await run_db(services.reply_context, conversation, assistant, model.context_chars)
     max_tokens = min(conversation.max_tokens or settings.CHAT_MAX_TOKENS, settings.CHAT_MAX_TOKENS)
     params = llm.GenerationParams(
         model=model.id, max_tokens=max_tokens, temperature=conversation.temperature

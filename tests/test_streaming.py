@@ -524,3 +524,42 @@ async def test_checkpoints_of_concurrent_replies_share_one_database_call(
         )
     }
     assert stored == {one.message_id: "one more", two.message_id: "two ", three.message_id: ""}
+
+
+async def test_the_model_sees_the_new_chats_system_prompt_then_the_whole_path(
+    user, scripted, asgi_login
+):
+    from chat.llm import ChatMessage
+
+    cookie = await asgi_login(user)
+    form = {"content": "first", "model": "scripted", "system_prompt": "Pirate."}
+    stream = AsgiStream("POST", "/c/send/", cookie=cookie, form=form)
+    assert await stream.start() == 200
+    events = stream.events()
+    _, start = await anext(events)
+    await scripted.script.put("arr")
+    await scripted.script.put(None)
+    await _wait_finished(start["assistant_message"])
+    assert scripted.calls[0] == [ChatMessage("system", "Pirate."), ChatMessage("user", "first")]
+    for _ in range(250):  # the new chat's title is asked for next, from the same script
+        if len(scripted.calls) == 2:
+            break
+        await asyncio.sleep(0.02)
+    await scripted.script.put("A title")
+    await scripted.script.put(None)
+    for _ in range(250):
+        conversation = await Conversation.objects.aget(pk=start["conversation"])
+        if conversation.title == "A title":
+            break
+        await asyncio.sleep(0.02)
+
+    second = await _send(cookie, "second", path=f"/c/{start['conversation']}/send/")
+    _, start2 = await anext(second.events())
+    await scripted.script.put(None)
+    await _wait_finished(start2["assistant_message"])
+    assert scripted.calls[-1] == [
+        ChatMessage("system", "Pirate."),
+        ChatMessage("user", "first"),
+        ChatMessage("assistant", "arr"),
+        ChatMessage("user", "second"),
+    ]
