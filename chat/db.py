@@ -67,6 +67,7 @@ def close_old_connections(**kwargs) -> None:
 
 
 def _call(func, args, kwargs):
+    """run_db's call on a thread of asgiref's (the database thread checks in `_work`)."""
     check_connection()  # replies write between requests too
     return func(*args, **kwargs)
 
@@ -122,6 +123,8 @@ class DatabaseThread(concurrent.futures.Executor):
                 continue
             result = error = None
             try:
+                if loop is not None:  # the direct hand-off: run_db's, the ORM's, Django's
+                    check_connection()
                 result = context.run(fn, *args, **kwargs) if context else fn(*args, **kwargs)
             except BaseException as exc:
                 error = exc
@@ -197,13 +200,20 @@ def _direct() -> bool:
 async def run_db(func, /, *args, **kwargs) -> Any:
     """Run the sync function `func` (ORM work) on the process's database thread."""
     if _direct():
-        return await _thread.run(_call, (func, args, kwargs), {})
+        return await _thread.run(func, args, kwargs)
     return await sync_to_async(_call, thread_sensitive=True)(func, args, kwargs)
 
 
 def sync_to_async_direct(func=None, /, *, thread_sensitive=True, executor=None, context=None):
     """asgiref's `sync_to_async`, handing the call straight to the database thread
-    where asgiref would run it there anyway; asgiref's own way everywhere else."""
+    where asgiref would run it there anyway; asgiref's own way everywhere else.
+
+    The call sees a copy of the caller's context variables, but changes it makes
+    to them are not copied back, and asgiref's per-thread `Local`s (Django's active
+    time zone, language and script prefix) are not carried over. Nothing on the
+    chat and API paths activates those; code that does must use asgiref's own
+    `sync_to_async` with an executor, or run_db with explicit arguments.
+    """
     if func is None:  # used as @sync_to_async_direct(...)
         options = {"thread_sensitive": thread_sensitive, "executor": executor, "context": context}
         return functools.partial(sync_to_async_direct, **options)

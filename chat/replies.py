@@ -13,7 +13,6 @@ import contextlib
 import contextvars
 import logging
 import time
-import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -239,20 +238,21 @@ class Reply:
 
 
 class CheckpointWriter:
-    """Saves the text of this process's running replies, all in one database call.
+    """Saves the text of this process's running replies, many to a database call.
 
     A reply with new text joins the next batch. The first addition after a save
     arms a timer of CHAT_CHECKPOINT_SECONDS; when it fires, every reply with
-    unsaved text is stored together (`services.reply_checkpoints`). So each
-    reply is saved at most once per interval, text is stored at most an
-    interval after it arrived (also when the upstream then falls silent, and a
-    killed process loses at most that), and the database gets one call per
-    interval instead of one per reply: at 500 streams, 500 calls a second fewer.
-    One batch is in flight at a time; the next carries more.
+    unsaved text is stored (`services.reply_checkpoints`, CHECKPOINT_ROWS_PER_CALL
+    rows a call, so other database work interleaves). So each reply is saved at
+    most once per interval, and its text is due at most an interval after it
+    arrived, also when the upstream then falls silent: a killed process loses
+    about that much. The database gets a call per interval and 100 replies
+    instead of one per reply: at 500 streams, ~500 calls a second fewer. One
+    batch is in flight at a time (text that arrives meanwhile waits for it), and
+    a batch that fails is tried again with the replies still running.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self._loop = loop
+    def __init__(self):
         self._pending: dict[int, Reply] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._saving: asyncio.Task | None = None
@@ -268,43 +268,57 @@ class CheckpointWriter:
         self._pending.pop(reply.message_id, None)
 
     def _arm(self) -> None:
-        if self._timer is not None or (self._saving is not None and not self._saving.done()):
-            return  # a batch is due or in flight; it re-arms when done
-        if not self._pending:
-            return
+        if self._timer is not None or self._saving is not None or not self._pending:
+            return  # a batch is due or in flight (it re-arms when done), or nothing is new
         delay = self._since + settings.CHAT_CHECKPOINT_SECONDS - time.monotonic()
-        self._timer = self._loop.call_later(max(0.0, delay), self._save)
+        self._timer = asyncio.get_running_loop().call_later(max(0.0, delay), self._save)
 
     def _save(self) -> None:
         self._timer = None
         batch, self._pending = self._pending, {}
-        rows = []
         for reply in batch.values():
             reply.unsaved = False  # from here on new text joins the next batch
-            rows.append((reply.message_id, reply.text))
         # Saved without holding up the next token, in a context of its own.
-        self._saving = self._loop.create_task(
-            run_db(services.reply_checkpoints, rows), context=contextvars.Context()
+        self._saving = asyncio.get_running_loop().create_task(
+            self._write(list(batch.values())), context=contextvars.Context()
         )
-        self._saving.add_done_callback(self._saved)
 
-    def _saved(self, task: asyncio.Task) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            # The next batch tries again with those replies' new text; the final
-            # save stores it all in any case.
-            log.error("a checkpoint batch failed", exc_info=task.exception())
-        self._arm()
+    async def _write(self, batch: list[Reply]) -> None:
+        try:
+            for start in range(0, len(batch), CHECKPOINT_ROWS_PER_CALL):
+                chunk = batch[start : start + CHECKPOINT_ROWS_PER_CALL]
+                rows = [(reply.message_id, reply.text) for reply in chunk]
+                await run_db(services.reply_checkpoints, rows)
+        except Exception:
+            log.exception("a checkpoint batch failed; trying again with the next one")
+            # Replies still running go into the next batch; one that has ended is
+            # stored whole by its own final save.
+            for reply in batch:
+                if reply._streaming and reply.message_id not in self._pending:
+                    reply.unsaved = True
+                    self.add(reply)
+        finally:
+            self._saving = None
+            self._arm()
 
 
-_writers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+CHECKPOINT_ROWS_PER_CALL = 100
+
+
+_writers: dict[asyncio.AbstractEventLoop, CheckpointWriter] = {}
 
 
 def checkpoint_writer() -> CheckpointWriter:
-    """The running event loop's checkpoint writer (one per loop: a process, or a test)."""
+    """The running event loop's checkpoint writer (one per loop: a process, or a test).
+
+    Writers of loops that have closed (tests') are dropped when a new one is made.
+    """
     loop = asyncio.get_running_loop()
     writer = _writers.get(loop)
     if writer is None:
-        writer = _writers[loop] = CheckpointWriter(loop)
+        for closed in [other for other in _writers if other.is_closed()]:
+            del _writers[closed]
+        writer = _writers[loop] = CheckpointWriter()
     return writer
 
 

@@ -434,23 +434,17 @@ def trim_context(
 
 
 def reply_checkpoints(rows: list[tuple[int, str]]) -> None:
-    """Store the text so far of running replies: (message id, text) pairs, about once
-    a second for all of a process's replies together. A reply that has ended keeps its
-    final text (only rows still `streaming` are updated)."""
+    """Store the text so far of running replies, (message id, text) pairs, in one
+    transaction (replies.CheckpointWriter: about once a second for many replies at
+    once). A reply that has ended keeps its final text: only `streaming` rows change."""
     if not rows:
         return
     db = connections[DEFAULT_DB_ALIAS]
     sql = _update_sql(Message, ("content", "updated"), ("status",))
     now = _db_value(Message._meta.get_field("updated"), timezone.now(), db)
-    # A few rows per transaction: SQLite's write lock is held for no longer than that.
-    for start in range(0, len(rows), CHECKPOINT_ROWS_PER_TRANSACTION):
-        chunk = rows[start : start + CHECKPOINT_ROWS_PER_TRANSACTION]
-        params = [(clean_text(text), now, pk, Message.Status.STREAMING) for pk, text in chunk]
-        with transaction.atomic(), db.cursor() as cursor:
-            cursor.executemany(sql, params)
-
-
-CHECKPOINT_ROWS_PER_TRANSACTION = 100
+    params = [(clean_text(text), now, pk, Message.Status.STREAMING.value) for pk, text in rows]
+    with transaction.atomic(), db.cursor() as cursor:
+        cursor.executemany(sql, params)
 
 
 def reply_finish(
@@ -487,6 +481,11 @@ def reply_finish(
                 raise
             log.warning("database busy saving reply %s; retrying", message_id)
             time.sleep(0.2 * 2**attempt)
+            # A connection the server dropped (a restart, an idle timeout) is replaced
+            # before the next try; a busy SQLite keeps its connection.
+            db = connections[DEFAULT_DB_ALIAS]
+            if not db.in_atomic_block:
+                db.close_if_unusable_or_obsolete()
 
 
 def replies_touch(*, ids: list[int]) -> None:

@@ -14,7 +14,7 @@ from asgiref.sync import SyncToAsync, async_to_sync, sync_to_async
 from django.conf import settings
 
 from chat import db
-from chat.models import Conversation
+from chat.models import Conversation, Message
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -224,3 +224,35 @@ async def test_the_async_orm_session_and_user_load_take_the_direct_hand_off(user
 
     assert (await ModelBackend().aget_user(user.pk)) == user
     assert len(handed) >= 4  # count, save, load, get_user: none through asgiref's executor
+
+
+async def test_a_final_save_outlives_a_connection_the_server_dropped(user):
+    """Between two checks (a second apart) the server may drop the connection: the
+    final save's retry then reconnects instead of failing on the dead one again."""
+    import psycopg
+    from django.db import connection
+
+    from chat import services
+
+    if connection.vendor != "postgresql":
+        pytest.skip("no server to drop an SQLite connection")
+    conversation = await Conversation.objects.acreate(owner=user, model="fake")
+    _, reply = await db.run_db(
+        services.message_send, conversation=conversation, content="q", model="fake"
+    )
+
+    def backend():
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_backend_pid()")
+            pid = cursor.fetchone()[0]
+        return pid, connection.get_connection_params()
+
+    pid, params = await db.run_db(backend)
+    params = {k: v for k, v in params.items() if k in ("host", "port", "user", "dbname")}
+    with psycopg.connect(**params, autocommit=True) as other:
+        other.execute("SELECT pg_terminate_backend(%s)", [pid])
+    await db.run_db(
+        services.reply_finish, message_id=reply.pk, content="all of it", status="complete"
+    )
+    row = await Message.objects.aget(pk=reply.pk)
+    assert (row.content, row.status) == ("all of it", "complete")

@@ -117,8 +117,7 @@ def test_checkpoint_stores_text_only_while_streaming(conversation):
     assert (row.content, row.status) == ("final", "complete")
 
 
-def test_checkpoints_store_many_replies_in_batches(conversation, monkeypatch, settings):
-    monkeypatch.setattr(services, "CHECKPOINT_ROWS_PER_TRANSACTION", 2)
+def test_checkpoints_store_many_replies_at_once(conversation, settings):
     settings.CHAT_MAX_CONCURRENT_REPLIES = 10
     replies = [
         services.message_send(conversation=conversation, content=f"q{i}", model="fake")[1]

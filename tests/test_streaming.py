@@ -563,3 +563,42 @@ async def test_the_model_sees_the_new_chats_system_prompt_then_the_whole_path(
         ChatMessage("assistant", "arr"),
         ChatMessage("user", "second"),
     ]
+
+
+async def test_a_failed_checkpoint_batch_is_tried_again_in_chunks(
+    user, scripted, monkeypatch, settings
+):
+    settings.CHAT_CHECKPOINT_SECONDS = 0.05
+    settings.CHAT_MAX_CONCURRENT_REPLIES = 10
+    monkeypatch.setattr(replies, "CHECKPOINT_ROWS_PER_CALL", 2)
+    calls: list[int] = []
+    checkpoints = services.reply_checkpoints
+
+    def failing_once(rows):
+        calls.append(len(rows))
+        if len(calls) == 2:  # the second chunk of the first batch
+            raise services.OperationalError("database is locked")
+        return checkpoints(rows)
+
+    monkeypatch.setattr(services, "reply_checkpoints", failing_once)
+    conversation = await Conversation.objects.acreate(owner=user, model="scripted")
+    batch = []
+    for i in range(5):
+        _, row = await run_db(
+            services.message_send, conversation=conversation, content="q", model="scripted"
+        )
+        reply = replies.Reply(row.pk, scripted, [], None)
+        reply.parts.append(f"text {i}")
+        reply.unsaved = True
+        batch.append(reply)
+    writer = replies.checkpoint_writer()
+    for reply in batch:
+        writer.add(reply)
+    for _ in range(100):  # the upstream is silent: no new text brings them back
+        await asyncio.sleep(0.02)
+        if len(calls) >= 5:
+            break
+    assert calls == [2, 2, 2, 2, 1]  # 2, then a failure; then all five again
+    ids = [reply.message_id for reply in batch]
+    stored = {m.pk: m.content async for m in Message.objects.filter(pk__in=ids)}
+    assert stored == {reply.message_id: reply.text for reply in batch}
