@@ -25,6 +25,7 @@ from django.db import (
 )
 from django.utils import timezone
 
+from .db import check_connection
 from .llm import ChatMessage, GenerationParams, Provider
 from .models import ApiKey, Conversation, Message, Preference, SiteOwner
 from .text import clean_text
@@ -113,8 +114,9 @@ def check_reply_quota(owner_id: int) -> None:
     """Refuse a new reply while the user already has too many running."""
     # Raw SQL: this runs before every reply, and the ORM spent ten times
     # longer building the query than the database took to answer it. The status
-    # is a literal so that SQLite, too, can use the partial index of running
-    # replies (chat_message_streaming); it never does for a bound parameter.
+    # is a literal so that the planner can match it to the partial index of
+    # running replies (chat_message_streaming): SQLite never matches a bound
+    # parameter (on an empty database it picks the status index instead).
     with connection.cursor() as cursor:
         cursor.execute(
             f"SELECT COUNT(*) FROM {Message._meta.db_table} m "
@@ -483,9 +485,7 @@ def reply_finish(
             time.sleep(0.2 * 2**attempt)
             # A connection the server dropped (a restart, an idle timeout) is replaced
             # before the next try; a busy SQLite keeps its connection.
-            db = connections[DEFAULT_DB_ALIAS]
-            if not db.in_atomic_block:
-                db.close_if_unusable_or_obsolete()
+            check_connection()
 
 
 def replies_touch(*, ids: list[int]) -> None:
