@@ -13,6 +13,7 @@ from django.http import HttpResponse
 from django.utils import timezone
 
 from .accounts import ThrottledAdminAuthenticationForm
+from .journal import text_so_far
 from .models import Conversation, Message, Preference
 
 admin.site.login_form = ThrottledAdminAuthenticationForm
@@ -97,6 +98,13 @@ class ReadOnlyAdmin(admin.ModelAdmin):
         return False
 
 
+def shown_text(message: Message) -> str:
+    """A running reply's row holds no text until it ends: show the journal's."""
+    if message.status == Message.Status.STREAMING:
+        return text_so_far(message.pk)
+    return message.content
+
+
 class MessageInline(admin.TabularInline):
     model = Message
     fields = ["id", "role", "status", "model", "short_content", "completion_tokens", "created"]
@@ -111,7 +119,7 @@ class MessageInline(admin.TabularInline):
 
     @admin.display(description="content")
     def short_content(self, obj: Message) -> str:
-        return obj.content[:200]
+        return shown_text(obj)[:200]
 
 
 @admin.register(Conversation)
@@ -202,7 +210,12 @@ class MessageAdmin(ReadOnlyAdmin):
         "created",
         "updated",
         "content",
+        "text_so_far",
     ]
+
+    @admin.display(description="text so far (running reply)")
+    def text_so_far(self, obj: Message) -> str:
+        return shown_text(obj) if obj.status == Message.Status.STREAMING else "–"
 
     @admin.display(ordering="conversation__owner__username")
     def owner(self, obj: Message):

@@ -1,9 +1,10 @@
 """The reply task: generation owned by a task, HTTP responses only subscribe.
 
 A `Reply` runs the provider stream to the end whatever happens to the browser:
-a client that disconnects only unsubscribes. Text is checkpointed to the row
-about once a second (never per token) and saved once more when it ends, with a
-truthful status. Stop cancels the task; the provider closes the upstream.
+a client that disconnects only unsubscribes. Text is checkpointed to the
+journal (chat.journal) about once a second, never per token, and saved to the
+row once, when it ends, with a truthful status. Stop cancels the task; the
+provider closes the upstream.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ from django.conf import settings
 
 from . import services
 from .db import run_db
+from .journal import Journal, TextReader, journal_root
 from .llm import ChatMessage, GenerationParams, Provider, ProviderError, abort_hooks_open
 from .models import Message
+from .text import clean_text
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +93,7 @@ class Reply:
         self._streaming = True
         self._cancel_requested = False
         self.unsaved = False  # text that no checkpoint has taken yet
+        self.saved_parts = 0  # how many of `parts` the journal has
         self._abort_hooks: list = []  # the provider's ways to drop its upstream at once
 
     @property
@@ -173,6 +177,8 @@ class Reply:
         usage: dict = {}
         end = ReplyEnd(status=Message.Status.COMPLETE)
         checkpoints = checkpoint_writer()
+        self.unsaved = True
+        checkpoints.add(self)  # its journal file, before any text: see CheckpointWriter
         stream = self.provider.stream(self.messages, self.params)
         try:
             if self._cancel_requested:  # stopped before the task first ran
@@ -229,8 +235,12 @@ class Reply:
                 error=end.error,
             )
         except Exception:
-            # The sweeper will mark the row interrupted; the checkpoint kept the text.
             log.exception("could not save reply %s", self.message_id)
+            # All its text goes to the journal; the sweep stores it in the row.
+            self.unsaved = True
+            checkpoints.add(self)
+        else:
+            checkpoints.finished(self.message_id)
         finally:
             _running.pop(self.message_id, None)
             self._publish(end)
@@ -238,71 +248,99 @@ class Reply:
 
 
 class CheckpointWriter:
-    """Saves the text of this process's running replies, many to a database call.
+    """Saves the text of this process's running replies to the journal, many at a time.
 
-    A reply with new text joins the next batch. The first addition after a save
-    arms a timer of CHAT_CHECKPOINT_SECONDS; when it fires, every reply with
-    unsaved text is stored (`services.reply_checkpoints`, CHECKPOINT_ROWS_PER_CALL
-    rows a call, so other database work interleaves). So each reply is saved at
-    most once per interval, and its text is due at most an interval after it
-    arrived, also when the upstream then falls silent: a killed process loses
-    about that much. The database gets a call per interval and 100 replies
-    instead of one per reply: at 500 streams, ~500 calls a second fewer. One
-    batch is in flight at a time (text that arrives meanwhile waits for it), and
-    a batch that fails is tried again with the replies still running.
+    A reply joins the next batch when it starts (so its file exists even while
+    its model is silent, and no other process takes it for abandoned) and
+    whenever it has new text. The first addition after a save arms a timer of
+    CHAT_CHECKPOINT_SECONDS; when it fires, every reply with unsaved text has
+    it appended to its file (chat.journal), in a thread, off the event loop.
+    So each reply is saved at most once per interval and its text is due at
+    most an interval after it arrived, also when the upstream then falls
+    silent: a killed process loses about that much. The database is not
+    involved: its writes per reply stay constant, whatever the reply's length.
+    One batch is in flight at a time (text that arrives meanwhile waits for
+    it), and a reply whose file could not be written is rewritten whole in the
+    next one.
     """
 
     def __init__(self):
-        self._pending: dict[int, Reply] = {}
+        self.journal = Journal(journal_root())
+        self.pending: dict[int, Reply] = {}
+        self._finished: list[int] = []  # final save done: their files go
         self._timer: asyncio.TimerHandle | None = None
         self._saving: asyncio.Task | None = None
         self._since = 0.0  # when the oldest unsaved text arrived
+        self._failures_logged_at = float("-inf")
 
     def add(self, reply: Reply) -> None:
-        if not self._pending:
+        if not self.pending and not self._finished:
             self._since = time.monotonic()
-        self._pending[reply.message_id] = reply
+        self.pending[reply.message_id] = reply
         self._arm()
 
     def discard(self, reply: Reply) -> None:
-        self._pending.pop(reply.message_id, None)
+        self.pending.pop(reply.message_id, None)
+
+    def finished(self, message_id: int) -> None:
+        """The reply's final save is done: its file is not needed any more."""
+        if not self.pending and not self._finished:
+            self._since = time.monotonic()
+        self._finished.append(message_id)
+        self._arm()
+
+    def close(self) -> None:
+        """Its loop has closed (a test's): let go of its journal."""
+        self.journal.remove(self._finished)
+        self.journal.close()
 
     def _arm(self) -> None:
-        if self._timer is not None or self._saving is not None or not self._pending:
-            return  # a batch is due or in flight (it re-arms when done), or nothing is new
+        if self._timer is not None or self._saving is not None:
+            return  # a batch is due or in flight (it re-arms when done)
+        if not self.pending and not self._finished:
+            return
         delay = self._since + settings.CHAT_CHECKPOINT_SECONDS - time.monotonic()
         self._timer = asyncio.get_running_loop().call_later(max(0.0, delay), self._save)
 
     def _save(self) -> None:
         self._timer = None
-        batch, self._pending = self._pending, {}
-        for reply in batch.values():
+        batch, self.pending = list(self.pending.values()), {}
+        finished, self._finished = self._finished, []
+        entries = []
+        for reply in batch:
             reply.unsaved = False  # from here on new text joins the next batch
-        # Saved without holding up the next token, in a context of its own.
+            upto = len(reply.parts)
+            text = clean_text("".join(reply.parts[reply.saved_parts : upto]))
+            entries.append((reply, upto, text.encode(), reply.saved_parts == 0))
+        # Written without holding up the next token, in a context of its own.
         self._saving = asyncio.get_running_loop().create_task(
-            self._write(list(batch.values())), context=contextvars.Context()
+            self._write(entries, finished), context=contextvars.Context()
         )
 
-    async def _write(self, batch: list[Reply]) -> None:
+    async def _write(self, entries: list, finished: list[int]) -> None:
         try:
-            for start in range(0, len(batch), CHECKPOINT_ROWS_PER_CALL):
-                chunk = batch[start : start + CHECKPOINT_ROWS_PER_CALL]
-                rows = [(reply.message_id, reply.text) for reply in chunk]
-                await run_db(services.reply_checkpoints, rows)
-        except Exception:
-            log.exception("a checkpoint batch failed; trying again with the next one")
-            # Replies still running go into the next batch; one that has ended is
-            # stored whole by its own final save.
-            for reply in batch:
-                if reply._streaming and reply.message_id not in self._pending:
-                    reply.unsaved = True
-                    self.add(reply)
+            failed = await asyncio.get_running_loop().run_in_executor(
+                None,
+                self.journal.write,
+                [(reply.message_id, data, whole) for reply, _, data, whole in entries],
+                finished,
+            )
+            for reply, upto, _, _ in entries:
+                if reply.message_id in failed:
+                    reply.saved_parts = 0  # rewritten whole next time: no torn text
+                    if not reply.unsaved:
+                        reply.unsaved = True
+                        self.add(reply)
+                else:
+                    reply.saved_parts = upto
+            if failed and time.monotonic() - self._failures_logged_at > 60:
+                self._failures_logged_at = time.monotonic()
+                log.error(
+                    "could not write %d replies to the journal in %s", len(failed), self.journal.dir
+                )
         finally:
             self._saving = None
             self._arm()
-
-
-CHECKPOINT_ROWS_PER_CALL = 100
 
 
 _writers: dict[asyncio.AbstractEventLoop, CheckpointWriter] = {}
@@ -317,7 +355,7 @@ def checkpoint_writer() -> CheckpointWriter:
     writer = _writers.get(loop)
     if writer is None:
         for closed in [other for other in _writers if other.is_closed()]:
-            del _writers[closed]
+            _writers.pop(closed).close()
         writer = _writers[loop] = CheckpointWriter()
     return writer
 
@@ -463,10 +501,6 @@ async def control_plane_close() -> None:
         await plane.close()
 
 
-def running_ids() -> list[int]:
-    return list(_running)
-
-
 # Yielded by reply_follow when nothing happened for CHAT_HEARTBEAT_SECONDS.
 HEARTBEAT = object()
 
@@ -515,7 +549,11 @@ async def reply_follow(message: Message) -> AsyncIterator[str | ReplyEnd | objec
 
 
 async def _follow_row(message_id: int) -> AsyncIterator[str | ReplyEnd | object]:
-    """Follow a reply through its stored checkpoints: slower, but works across processes."""
+    """Follow a reply running in another process: its text through the journal,
+    its end through the row. Slower (a look a checkpoint interval), but works
+    across the processes of a machine."""
+    loop = asyncio.get_running_loop()
+    reader = TextReader(journal_root(), message_id)
     sent = 0
     idle = 0.0
     first = True  # the text so far is always sent first, even if empty
@@ -524,9 +562,15 @@ async def _follow_row(message_id: int) -> AsyncIterator[str | ReplyEnd | object]
         if row is None:
             yield ReplyEnd(status=Message.Status.ERROR, error="The reply was deleted.")
             return
-        if first or len(row.content) > sent:
-            yield row.content[sent:]
-            sent = len(row.content)
+        # The row's final text starts with what the journal gave: the same text,
+        # cleaned the same way.
+        if row.is_finished:
+            text = row.content[sent:]
+        else:
+            text = await loop.run_in_executor(None, reader.read)
+        if first or text:
+            yield text
+            sent += len(text)
             idle = 0.0
             first = False
         elif idle >= settings.CHAT_HEARTBEAT_SECONDS:
@@ -561,16 +605,26 @@ def sweeper_ensure() -> None:
     _sweeper = loop.create_task(_sweep_forever(), context=contextvars.Context())
 
 
+async def sweep_once() -> int:
+    """Retire this machine's abandoned replies (services.replies_sweep); how many."""
+    writer = checkpoint_writer()
+    # Files listed before the running replies are: a reply that starts in
+    # between has no file in the list, so it cannot pass for abandoned.
+    journalled = await asyncio.get_running_loop().run_in_executor(None, writer.journal.ids)
+    keep = set(_running) | set(writer.pending)
+    return await run_db(
+        services.replies_sweep,
+        own_journal=writer.journal,
+        own_abandoned=[i for i in journalled if i not in keep],
+        exclude_ids=keep,
+    )
+
+
 async def _sweep_forever() -> None:
     interval = max(5, settings.CHAT_STALE_SECONDS // 3)
     while True:
         try:
-            # Touch our own running rows so other processes see them alive...
-            ids = running_ids()
-            if ids:
-                await run_db(services.replies_touch, ids=ids)
-            # ...and retire the rows of processes that died.
-            swept = await run_db(services.replies_sweep, exclude_ids=ids)
+            swept = await sweep_once()
             if swept:
                 log.warning("marked %d abandoned replies interrupted", swept)
         except Exception:

@@ -25,6 +25,7 @@ from django.db import (
 )
 from django.utils import timezone
 
+from . import journal
 from .db import check_connection
 from .llm import ChatMessage, GenerationParams, Provider
 from .models import ApiKey, Conversation, Message, Preference, SiteOwner
@@ -435,20 +436,6 @@ def trim_context(
     return system + kept
 
 
-def reply_checkpoints(rows: list[tuple[int, str]]) -> None:
-    """Store the text so far of running replies, (message id, text) pairs, in one
-    transaction (replies.CheckpointWriter: about once a second for many replies at
-    once). A reply that has ended keeps its final text: only `streaming` rows change."""
-    if not rows:
-        return
-    db = connections[DEFAULT_DB_ALIAS]
-    sql = _update_sql(Message, ("content", "updated"), ("status",))
-    now = _db_value(Message._meta.get_field("updated"), timezone.now(), db)
-    params = [(clean_text(text), now, pk, Message.Status.STREAMING.value) for pk, text in rows]
-    with transaction.atomic(), db.cursor() as cursor:
-        cursor.executemany(sql, params)
-
-
 def reply_finish(
     *,
     message_id: int,
@@ -488,27 +475,68 @@ def reply_finish(
             check_connection()
 
 
-def replies_touch(*, ids: list[int]) -> None:
-    """Mark running replies alive, so no other process sweeps them."""
-    Message.objects.filter(pk__in=ids, status=Message.Status.STREAMING).update(
-        updated=timezone.now()
-    )
+REPLY_KILLED = "The server stopped before this reply finished."
+REPLY_UNSAVED = "This reply could not be saved when it ended; the text it had is kept."
 
 
-def replies_sweep(*, older_than: timedelta | None = None, exclude_ids=()) -> int:
-    """Mark streaming rows nobody is generating any more as `interrupted`.
+def replies_sweep(
+    *,
+    older_than: timedelta | None = None,
+    exclude_ids=(),
+    own_journal: journal.Journal | None = None,
+    own_abandoned=(),
+) -> int:
+    """Mark streaming rows nobody is generating any more `interrupted`.
 
-    A running reply touches its row at least every CHAT_STALE_SECONDS / 3, so
-    a row older than that belongs to a process that died.
+    1. Workers that died (chat.journal: their lock is free): their rows get the
+       journalled text.
+    2. This process's journalled replies that are no longer running
+       (`own_abandoned` in `own_journal`: their final save failed): the same.
+    3. Rows in no live worker's journal that have not changed for `older_than`
+       (CHAT_STALE_SECONDS): a worker that died before its first journal
+       write, or a server of an older version. `exclude_ids` are kept too.
+
+    Runs on the database thread with its file work: a few directory listings,
+    and reading dead workers' files, which only a crash leaves.
     """
+    root = journal.journal_root()
+    swept = 0
+    for dead in journal.claim_dead(root):
+        try:
+            swept += _replies_recover(dead.texts, REPLY_KILLED)
+        except Exception:
+            dead.release()
+            raise
+        dead.remove()
+    if own_journal is not None and own_abandoned:
+        ids = list(own_abandoned)
+        swept += _replies_recover(own_journal.read_all(ids), REPLY_UNSAVED)
+        own_journal.remove(ids)
     if older_than is None:
         older_than = timedelta(seconds=settings.CHAT_STALE_SECONDS)
     stale = Message.objects.streaming().filter(updated__lt=timezone.now() - older_than)
-    return stale.exclude(pk__in=list(exclude_ids)).update(
-        status=Message.Status.INTERRUPTED,
-        error="The server stopped before this reply finished.",
-        updated=timezone.now(),
+    keep = journal.live_ids(root) | set(exclude_ids)
+    return swept + stale.exclude(pk__in=list(keep)).update(
+        status=Message.Status.INTERRUPTED, error=REPLY_KILLED, updated=timezone.now()
     )
+
+
+def _replies_recover(texts: dict[int, str], error: str) -> int:
+    """Store journalled texts in their rows, which end `interrupted`; rows that
+    have ended meanwhile keep their final save."""
+    recovered = 0
+    with transaction.atomic():
+        for message_id, text in texts.items():
+            fields = {
+                "status": Message.Status.INTERRUPTED,
+                "error": error,
+                "updated": timezone.now(),
+            }
+            if text:
+                fields["content"] = clean_text(text)
+            rows = Message.objects.filter(pk=message_id, status=Message.Status.STREAMING)
+            recovered += rows.update(**fields)
+    return recovered
 
 
 def api_key_hash(raw_key: str) -> str:

@@ -238,6 +238,9 @@ CHAT_CONTEXT_CHARS = env_int("CHAT_CONTEXT_CHARS", 24_000)
 CHAT_CHECKPOINT_SECONDS = float(os.environ.get("CHAT_CHECKPOINT_SECONDS", "1.0"))
 CHAT_HEARTBEAT_SECONDS = float(os.environ.get("CHAT_HEARTBEAT_SECONDS", "15"))
 CHAT_STALE_SECONDS = env_int("CHAT_STALE_SECONDS", 60)
+# Running replies' text (chat.journal). Empty: DATA_DIR/journal/<one per database>.
+# Every process on one database must see the same directory.
+CHAT_JOURNAL_DIR = os.environ.get("CHAT_JOURNAL_DIR", "")
 
 LOGGING = {
     "version": 1,

@@ -43,7 +43,9 @@ def pytest_collection_modifyitems(items):
 
 
 @pytest.fixture(autouse=True)
-def _test_settings(settings):
+def _test_settings(settings, tmp_path):
+    # A journal of its own per test: ids are reused after a test's rollback.
+    settings.CHAT_JOURNAL_DIR = str(tmp_path / "journal")
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
     settings.CHAT_FAKE_MODEL = True
     settings.CHAT_DEFAULT_MODEL = "fake"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -56,6 +57,14 @@ class LiveServer:
     ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        # Servers that must see each other's running replies share a journal
+        # directory (extra_env); otherwise each has one of its own.
+        self._own_journal = "CHAT_JOURNAL_DIR" not in (extra_env or {})
+        self.journal_dir = Path(
+            tempfile.mkdtemp(prefix="chatsite-journal-")
+            if self._own_journal
+            else extra_env["CHAT_JOURNAL_DIR"]
+        )
         env = {
             **os.environ,
             "DJANGO_SETTINGS_MODULE": "chatsite.settings",
@@ -72,6 +81,7 @@ class LiveServer:
             "CHAT_CHECKPOINT_SECONDS": "0.3",
             "SERVE_STATIC": "1",
             "DJANGO_DEBUG": "0",
+            "CHAT_JOURNAL_DIR": str(self.journal_dir),
             **(extra_env or {}),
         }
         # The server's output, kept only if it fails to start (see _wait_ready).
@@ -116,3 +126,5 @@ class LiveServer:
             self.process.kill()
         self.log.close()
         os.unlink(self.log.name)
+        if self._own_journal:
+            shutil.rmtree(self.journal_dir, ignore_errors=True)

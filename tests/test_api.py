@@ -14,6 +14,7 @@ from django.core.management import call_command
 from django.test import Client
 
 from chat import services
+from chat.journal import TextReader
 from chat.models import ApiKey, Conversation, Message
 from tests.conftest import session_cookies, wait_for_reply
 from tests.live import LiveServer
@@ -471,7 +472,11 @@ def test_non_streaming_client_that_leaves_abandons_the_reply(daphne_server, api_
         {"model": "fake-stall", "messages": [{"role": "user", "content": "x"}]},
     )
     deadline = time.monotonic() + 5
-    while not Message.objects.filter(role="assistant").exclude(content="").exists():
+    while not (reply := Message.objects.filter(role="assistant").first()):
+        assert time.monotonic() < deadline, "no reply started"
+        time.sleep(0.05)
+    journal = TextReader(daphne_server.journal_dir, reply.pk)
+    while not journal.read():
         assert time.monotonic() < deadline, "no token checkpointed"
         time.sleep(0.05)
     sock.close()  # the client gives up while the upstream is silent

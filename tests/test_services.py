@@ -107,33 +107,6 @@ def test_reply_finish_stores_every_field(conversation):
     assert (row.prompt_tokens, row.ttft_ms, row.error) == (None, None, "")
 
 
-def test_checkpoint_stores_text_only_while_streaming(conversation):
-    _, reply = services.message_send(conversation=conversation, content="x", model="fake")
-    services.reply_checkpoints([(reply.pk, "so far\x00")])
-    assert Message.objects.get(pk=reply.pk).content == "so far\ufffd"
-    services.reply_finish(message_id=reply.pk, content="final", status="complete")
-    services.reply_checkpoints([(reply.pk, "late checkpoint")])  # too late: ignored
-    row = Message.objects.get(pk=reply.pk)
-    assert (row.content, row.status) == ("final", "complete")
-
-
-def test_checkpoints_store_many_replies_at_once(conversation, settings):
-    settings.CHAT_MAX_CONCURRENT_REPLIES = 10
-    replies = [
-        services.message_send(conversation=conversation, content=f"q{i}", model="fake")[1]
-        for i in range(5)
-    ]
-    services.reply_finish(message_id=replies[4].pk, content="done", status="complete")
-    before = {r.pk: Message.objects.get(pk=r.pk).updated for r in replies}
-    services.reply_checkpoints([(r.pk, f"text {r.pk}") for r in replies])
-    rows = {m.pk: m for m in Message.objects.filter(pk__in=before)}
-    for r in replies[:4]:
-        assert rows[r.pk].content == f"text {r.pk}"
-        assert rows[r.pk].status == "streaming"
-        assert rows[r.pk].updated > before[r.pk]
-    assert (rows[replies[4].pk].content, rows[replies[4].pk].status) == ("done", "complete")
-
-
 def test_context_is_the_path_with_system_prompt(conversation):
     conversation.system_prompt = "Be brief."
     conversation.save()

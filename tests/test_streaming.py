@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import os
 
 import pytest
 
-from chat import replies, services
+from chat import journal, replies, services
 from chat.db import run_db
+from chat.journal import Journal, text_so_far
 from chat.llm import Delta, ProviderError
 from chat.models import Conversation, Message
 from tests.conftest import AsgiStream
@@ -32,17 +34,18 @@ async def _send(cookie: str, content: str = "hello", model: str = "scripted", pa
 
 async def _count_writes(monkeypatch) -> dict:
     counts = {"checkpoint": 0, "finish": 0}
-    checkpoints, finish = services.reply_checkpoints, services.reply_finish
+    write, finish = Journal.write, services.reply_finish
 
-    def counting_checkpoints(rows):
-        counts["checkpoint"] += len(rows)  # row writes, whatever the batching
-        return checkpoints(rows)
+    def counting_checkpoints(self, entries, finished):
+        # Texts written to the journal, whatever the batching (b"" registers a reply).
+        counts["checkpoint"] += sum(1 for _, data, _ in entries if data)
+        return write(self, entries, finished)
 
     def counting_finish(**kwargs):
         counts["finish"] += 1
         return finish(**kwargs)
 
-    monkeypatch.setattr(services, "reply_checkpoints", counting_checkpoints)
+    monkeypatch.setattr(Journal, "write", counting_checkpoints)
     monkeypatch.setattr(services, "reply_finish", counting_finish)
     return counts
 
@@ -115,20 +118,58 @@ async def test_checkpoint_stores_text_while_streaming(user, scripted, asgi_login
     stream = await _send(await asgi_login(user))
     events = stream.events()
     _, start = await anext(events)
+    reply_id = start["assistant_message"]
     await scripted.script.put("partial ")
     await anext(events)
     await asyncio.sleep(0.1)
     await scripted.script.put("text")
     await anext(events)
     for _ in range(100):
-        row = await Message.objects.aget(pk=start["assistant_message"])
-        if row.content:
+        if text_so_far(reply_id) == "partial text":
             break
         await asyncio.sleep(0.02)
-    assert row.status == Message.Status.STREAMING
-    assert row.content.startswith("partial")
+    assert text_so_far(reply_id) == "partial text"
+    row = await Message.objects.aget(pk=reply_id)
+    assert (row.status, row.content) == (Message.Status.STREAMING, "")  # one write, at the end
     await scripted.script.put(None)
-    await _wait_finished(start["assistant_message"])
+    assert (await _wait_finished(reply_id)).content == "partial text"
+    for _ in range(100):  # the journal lets go of it in the next batch
+        if not replies.checkpoint_writer().journal.ids():
+            break
+        await asyncio.sleep(0.02)
+    assert replies.checkpoint_writer().journal.ids() == []
+
+
+async def test_a_reply_whose_final_save_failed_is_stored_by_the_sweep(
+    user, scripted, asgi_login, monkeypatch, settings
+):
+    settings.CHAT_CHECKPOINT_SECONDS = 0.05
+
+    def failing_finish(**kwargs):
+        raise services.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(services, "reply_finish", failing_finish)
+    stream = await _send(await asgi_login(user))
+    events = stream.events()
+    _, start = await anext(events)
+    reply_id = start["assistant_message"]
+    await scripted.script.put("all of it")
+    await scripted.script.put(None)
+    async for name, _data in events:
+        if name == "end":
+            break
+    for _ in range(100):  # the rest of its text is journalled after the failure
+        if text_so_far(reply_id) == "all of it" and not replies.checkpoint_writer().pending:
+            break
+        await asyncio.sleep(0.02)
+    assert await replies.sweep_once() == 1
+    row = await Message.objects.aget(pk=reply_id)
+    assert (row.status, row.content, row.error) == (
+        Message.Status.INTERRUPTED,
+        "all of it",
+        services.REPLY_UNSAVED,
+    )
+    assert replies.checkpoint_writer().journal.ids() == []
 
 
 async def test_stop_closes_upstream_and_keeps_text(user, scripted, asgi_login, monkeypatch):
@@ -477,19 +518,19 @@ async def test_a_response_can_start_with_its_first_frame():
     assert closed == [True]
 
 
-async def test_checkpoints_of_concurrent_replies_share_one_database_call(
+async def test_checkpoints_of_concurrent_replies_share_one_journal_batch(
     user, scripted, monkeypatch, settings
 ):
     settings.CHAT_CHECKPOINT_SECONDS = 0.1
     settings.CHAT_MAX_CONCURRENT_REPLIES = 10
     calls: list[list[int]] = []
-    checkpoints = services.reply_checkpoints
+    write = Journal.write
 
-    def counting(rows):
-        calls.append([pk for pk, _ in rows])
-        return checkpoints(rows)
+    def counting(self, entries, finished):
+        calls.append([message_id for message_id, _, _ in entries])
+        return write(self, entries, finished)
 
-    monkeypatch.setattr(services, "reply_checkpoints", counting)
+    monkeypatch.setattr(Journal, "write", counting)
     conversation = await Conversation.objects.acreate(owner=user, model="scripted")
 
     async def running_reply(text: str) -> replies.Reply:
@@ -517,13 +558,15 @@ async def test_checkpoints_of_concurrent_replies_share_one_database_call(
     writer.add(one)
     await asyncio.sleep(0.2)
     assert calls == [[one.message_id, two.message_id], [one.message_id]]
+    texts = {r.message_id: text_so_far(r.message_id) for r in (one, two, three)}
+    assert texts == {one.message_id: "one more", two.message_id: "two ", three.message_id: ""}
     stored = {
-        m.pk: m.content
+        m.content
         async for m in Message.objects.filter(
             pk__in=[one.message_id, two.message_id, three.message_id]
         )
     }
-    assert stored == {one.message_id: "one more", two.message_id: "two ", three.message_id: ""}
+    assert stored == {""}  # the database is not written until the end
 
 
 async def test_the_model_sees_the_new_chats_system_prompt_then_the_whole_path(
@@ -565,40 +608,45 @@ async def test_the_model_sees_the_new_chats_system_prompt_then_the_whole_path(
     ]
 
 
-async def test_a_failed_checkpoint_batch_is_tried_again_in_chunks(
+async def test_a_reply_whose_journal_write_failed_is_rewritten_whole(
     user, scripted, monkeypatch, settings
 ):
     settings.CHAT_CHECKPOINT_SECONDS = 0.05
     settings.CHAT_MAX_CONCURRENT_REPLIES = 10
-    monkeypatch.setattr(replies, "CHECKPOINT_ROWS_PER_CALL", 2)
-    calls: list[int] = []
-    checkpoints = services.reply_checkpoints
+    write_file = journal._write_file
+    failures = []
 
-    def failing_once(rows):
-        calls.append(len(rows))
-        if len(calls) == 2:  # the second chunk of the first batch
-            raise services.OperationalError("database is locked")
-        return checkpoints(rows)
+    def tearing_once(path, data, mode):
+        if path.name == str(batch[1].message_id) and mode == os.O_APPEND and not failures:
+            failures.append(path)
+            write_file(path, data[: len(data) // 2], mode)  # disk full part-way
+            raise OSError(28, "No space left on device")
+        return write_file(path, data, mode)
 
-    monkeypatch.setattr(services, "reply_checkpoints", failing_once)
+    monkeypatch.setattr(journal, "_write_file", tearing_once)
     conversation = await Conversation.objects.acreate(owner=user, model="scripted")
     batch = []
-    for i in range(5):
+    for i in range(3):
         _, row = await run_db(
             services.message_send, conversation=conversation, content="q", model="scripted"
         )
         reply = replies.Reply(row.pk, scripted, [], None)
-        reply.parts.append(f"text {i}")
+        reply.parts.append(f"first {i} ")
         reply.unsaved = True
         batch.append(reply)
     writer = replies.checkpoint_writer()
     for reply in batch:
         writer.add(reply)
-    for _ in range(100):  # the upstream is silent: no new text brings them back
+    await asyncio.sleep(0.15)
+    for reply in batch:
+        reply.parts.append("second")
+        reply.unsaved = True
+        writer.add(reply)
+    for _ in range(100):  # the upstream is silent: no new text brings the torn one back
         await asyncio.sleep(0.02)
-        if len(calls) >= 5:
+        if failures and not writer.pending and writer._saving is None:
             break
-    assert calls == [2, 2, 2, 2, 1]  # 2, then a failure; then all five again
-    ids = [reply.message_id for reply in batch]
-    stored = {m.pk: m.content async for m in Message.objects.filter(pk__in=ids)}
-    assert stored == {reply.message_id: reply.text for reply in batch}
+    assert failures
+    assert {r.message_id: text_so_far(r.message_id) for r in batch} == {
+        r.message_id: r.text for r in batch
+    }

@@ -10,6 +10,8 @@ from urllib.parse import urlencode
 
 import pytest
 
+from chat import services
+from chat.journal import TextReader
 from chat.models import Message
 from tests.conftest import session_cookies
 from tests.live import LiveServer
@@ -20,12 +22,11 @@ REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/3")
 
 
 @pytest.fixture
-def two_workers(upstream, django_db_blocker):
+def two_workers(upstream, django_db_blocker, tmp_path):
+    # One machine's workers: one database, one journal directory, Redis.
+    env = {"REDIS_URL": REDIS_URL, "CHAT_JOURNAL_DIR": str(tmp_path / "journal")}
     with django_db_blocker.unblock():
-        servers = [
-            LiveServer(upstream_url=upstream.base_url, extra_env={"REDIS_URL": REDIS_URL})
-            for _ in range(2)
-        ]
+        servers = [LiveServer(upstream_url=upstream.base_url, extra_env=env) for _ in range(2)]
     yield servers
     for server in servers:
         server.stop()
@@ -80,7 +81,7 @@ def test_stop_and_resume_from_another_worker(two_workers, user):
     while stream.event()[0] != "message":
         pass
 
-    # A page on the other worker resumes from the stored checkpoints.
+    # A page on the other worker resumes from the journal's checkpoints.
     time.sleep(0.5)
     resumed = SseReader(second, "GET", f"/c/{conversation}/m/{reply_id}/stream/", cookie)
     name, snapshot = resumed.event()
@@ -95,9 +96,13 @@ def test_stop_and_resume_from_another_worker(two_workers, user):
     assert row.content.startswith("Echo: w0") and "w39" not in row.content
 
 
-def test_worker_killed_mid_reply_leaves_an_interrupted_row_with_its_checkpoint(upstream, user):
-    """Fault 7: kill -9 mid-reply; the next worker to start retires the row at once."""
-    doomed = LiveServer(upstream_url=upstream.base_url)
+def test_worker_killed_mid_reply_leaves_an_interrupted_row_with_its_checkpoint(
+    upstream, user, tmp_path
+):
+    """Fault 7: kill -9 mid-reply; the next worker to start retires the row at once,
+    with the text its journal had."""
+    env = {"CHAT_JOURNAL_DIR": str(tmp_path / "journal")}
+    doomed = LiveServer(upstream_url=upstream.base_url, extra_env=env)
     try:
         stream = SseReader(
             doomed,
@@ -108,18 +113,20 @@ def test_worker_killed_mid_reply_leaves_an_interrupted_row_with_its_checkpoint(u
         )
         _, start = stream.event()
         reply_id = start["assistant_message"]
+        journal = TextReader(doomed.journal_dir, reply_id)
         deadline = time.monotonic() + 5
-        while not Message.objects.get(pk=reply_id).content:  # a checkpoint (every 0.3 s)
+        while not (journalled := journal.read()):  # a checkpoint (every 0.3 s)
             assert time.monotonic() < deadline, "no checkpoint before the stall"
             time.sleep(0.05)
         doomed.process.kill()
         doomed.process.wait(5)
     finally:
         doomed.stop()
-    assert Message.objects.get(pk=reply_id).status == Message.Status.STREAMING
+    row = Message.objects.get(pk=reply_id)
+    assert (row.status, row.content) == (Message.Status.STREAMING, "")
 
-    time.sleep(1.1)  # older than the next worker's CHAT_STALE_SECONDS
-    successor = LiveServer(upstream_url=upstream.base_url, extra_env={"CHAT_STALE_SECONDS": "1"})
+    # No waiting for CHAT_STALE_SECONDS: the dead worker's journal lock is free.
+    successor = LiveServer(upstream_url=upstream.base_url, extra_env=env)
     try:
         deadline = time.monotonic() + 5
         while Message.objects.get(pk=reply_id).status == Message.Status.STREAMING:
@@ -129,5 +136,6 @@ def test_worker_killed_mid_reply_leaves_an_interrupted_row_with_its_checkpoint(u
         successor.stop()
     row = Message.objects.get(pk=reply_id)
     assert row.status == Message.Status.INTERRUPTED
-    assert row.content  # the checkpointed text survived the kill
-    assert row.error
+    assert journalled and row.content.startswith(journalled)  # it survived the kill
+    assert row.error == services.REPLY_KILLED
+    assert not list((tmp_path / "journal").glob("*/*"))  # the dead worker's files are gone
