@@ -10,6 +10,7 @@ provider closes the upstream.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import contextvars
 import logging
@@ -21,7 +22,7 @@ from django.conf import settings
 
 from . import services
 from .db import run_db
-from .journal import Journal, TextReader, journal_root
+from .journal import ADD, END, ROTATE_BYTES, SET, Journal, TextReader, journal_root, record
 from .llm import ChatMessage, GenerationParams, Provider, ProviderError, abort_hooks_open
 from .models import Message
 from .text import clean_text
@@ -94,6 +95,7 @@ class Reply:
         self._cancel_requested = False
         self.unsaved = False  # text that no checkpoint has taken yet
         self.saved_parts = 0  # how many of `parts` the journal has
+        self.journalled = False  # its first record is written
         self._abort_hooks: list = []  # the provider's ways to drop its upstream at once
 
     @property
@@ -221,24 +223,25 @@ class Reply:
         end.prompt_tokens = usage.get("prompt_tokens")
         end.completion_tokens = usage.get("completion_tokens")
         self.end = end
+        final = {
+            "message_id": self.message_id,
+            "content": self.text,
+            "status": end.status,
+            "finish_reason": end.finish_reason,
+            "prompt_tokens": end.prompt_tokens,
+            "completion_tokens": end.completion_tokens,
+            "ttft_ms": ttft_ms,
+            "duration_ms": int((time.monotonic() - started) * 1000),
+            "error": end.error,
+        }
         try:
-            await run_db(
-                services.reply_finish,
-                message_id=self.message_id,
-                content=self.text,
-                status=end.status,
-                finish_reason=end.finish_reason,
-                prompt_tokens=end.prompt_tokens,
-                completion_tokens=end.completion_tokens,
-                ttft_ms=ttft_ms,
-                duration_ms=int((time.monotonic() - started) * 1000),
-                error=end.error,
-            )
+            await run_db(services.reply_finish, **final)
         except Exception:
-            log.exception("could not save reply %s", self.message_id)
-            # All its text goes to the journal; the sweep stores it in the row.
+            log.exception("could not save reply %s; the sweep will try again", self.message_id)
+            # Its whole text goes to the journal meanwhile, in case this process dies.
             self.unsaved = True
             checkpoints.add(self)
+            checkpoints.unfinished[self.message_id] = final
         else:
             checkpoints.finished(self.message_id)
         finally:
@@ -248,34 +251,37 @@ class Reply:
 
 
 class CheckpointWriter:
-    """Saves the text of this process's running replies to the journal, many at a time.
+    """Saves the text of this process's running replies to the journal, all at once.
 
-    A reply joins the next batch when it starts (so its file exists even while
-    its model is silent, and no other process takes it for abandoned) and
-    whenever it has new text. The first addition after a save arms a timer of
-    CHAT_CHECKPOINT_SECONDS; when it fires, every reply with unsaved text has
-    it appended to its file (chat.journal), in a thread, off the event loop.
-    So each reply is saved at most once per interval and its text is due at
-    most an interval after it arrived, also when the upstream then falls
-    silent: a killed process loses about that much. The database is not
-    involved: its writes per reply stay constant, whatever the reply's length.
-    One batch is in flight at a time (text that arrives meanwhile waits for
-    it), and a reply whose file could not be written is rewritten whole in the
-    next one.
+    A reply joins the next batch when it starts (so the journal has it even
+    while its model is silent, and no other process takes it for abandoned)
+    and whenever it has new text. The first addition after a save arms a timer
+    of CHAT_CHECKPOINT_SECONDS; when it fires, every reply's unsaved text goes
+    into one append to this worker's log (chat.journal). So each reply is saved
+    at most once per interval and its text is due at most an interval after it
+    arrived, also when the upstream then falls silent: a killed process loses
+    about that much. The database is not involved: its writes per reply stay
+    constant, whatever the reply's length.
+
+    The append runs on the event loop: a few µs for all replies. A thread would
+    not be cheaper: its system calls wait for the busy loop to hand over the GIL.
+    A failed append is made good by a rotation in the next batch, which rewrites
+    every running reply whole.
     """
 
     def __init__(self):
         self.journal = Journal(journal_root())
         self.pending: dict[int, Reply] = {}
-        self._finished: list[int] = []  # final save done: their files go
+        self.live: dict[int, Reply] = {}  # in the journal and not ended
+        # Replies whose final save failed, with its fields: the sweep tries again.
+        self.unfinished: dict[int, dict] = {}
+        self._ended: list[int] = []  # final save done: an END record each
         self._timer: asyncio.TimerHandle | None = None
-        self._saving: asyncio.Task | None = None
-        self._since = 0.0  # when the oldest unsaved text arrived
+        self._rotate = False
         self._failures_logged_at = float("-inf")
+        atexit.register(self.close)
 
     def add(self, reply: Reply) -> None:
-        if not self.pending and not self._finished:
-            self._since = time.monotonic()
         self.pending[reply.message_id] = reply
         self._arm()
 
@@ -283,64 +289,72 @@ class CheckpointWriter:
         self.pending.pop(reply.message_id, None)
 
     def finished(self, message_id: int) -> None:
-        """The reply's final save is done: its file is not needed any more."""
-        if not self.pending and not self._finished:
-            self._since = time.monotonic()
-        self._finished.append(message_id)
+        """The reply's final save is done: the journal can forget it."""
+        self._ended.append(message_id)
         self._arm()
 
     def close(self) -> None:
-        """Its loop has closed (a test's): let go of its journal."""
-        self.journal.remove(self._finished)
-        self.journal.close()
+        """Its loop has closed or the process exits: let go of the journal, and of
+        the log too if nothing in it is still needed."""
+        self.journal.close(clean=not set(self.live) - set(self._ended))
 
     def _arm(self) -> None:
-        if self._timer is not None or self._saving is not None:
-            return  # a batch is due or in flight (it re-arms when done)
-        if not self.pending and not self._finished:
-            return
-        delay = self._since + settings.CHAT_CHECKPOINT_SECONDS - time.monotonic()
-        self._timer = asyncio.get_running_loop().call_later(max(0.0, delay), self._save)
+        if self._timer is not None:
+            return  # a batch is due: this joins it
+        delay = settings.CHAT_CHECKPOINT_SECONDS
+        self._timer = asyncio.get_running_loop().call_later(delay, self._save)
 
     def _save(self) -> None:
         self._timer = None
         batch, self.pending = list(self.pending.values()), {}
-        finished, self._finished = self._finished, []
-        entries = []
+        ended, self._ended = self._ended, []
+        for message_id in ended:
+            self.live.pop(message_id, None)
         for reply in batch:
             reply.unsaved = False  # from here on new text joins the next batch
-            upto = len(reply.parts)
-            text = clean_text("".join(reply.parts[reply.saved_parts : upto]))
-            entries.append((reply, upto, text.encode(), reply.saved_parts == 0))
-        # Written without holding up the next token, in a context of its own.
-        self._saving = asyncio.get_running_loop().create_task(
-            self._write(entries, finished), context=contextvars.Context()
-        )
-
-    async def _write(self, entries: list, finished: list[int]) -> None:
-        try:
-            failed = await asyncio.get_running_loop().run_in_executor(
-                None,
-                self.journal.write,
-                [(reply.message_id, data, whole) for reply, _, data, whole in entries],
-                finished,
+            self.live[reply.message_id] = reply
+        if self._rotate or self._outgrown():
+            self._rotate = not self._rewrite()
+        else:
+            records = []
+            for reply in batch:
+                upto = len(reply.parts)
+                text = clean_text("".join(reply.parts[reply.saved_parts : upto])).encode()
+                kind = ADD if reply.journalled else SET
+                records.append((reply, upto, record(kind, reply.message_id, text)))
+            data = b"".join(r for _, _, r in records) + b"".join(
+                record(END, message_id, b"") for message_id in ended
             )
-            for reply, upto, _, _ in entries:
-                if reply.message_id in failed:
-                    reply.saved_parts = 0  # rewritten whole next time: no torn text
-                    if not reply.unsaved:
-                        reply.unsaved = True
-                        self.add(reply)
-                else:
-                    reply.saved_parts = upto
-            if failed and time.monotonic() - self._failures_logged_at > 60:
+            if self.journal.write(data):
+                for reply, upto, _ in records:
+                    reply.saved_parts, reply.journalled = upto, True
+            else:
+                self._rotate = not self._rewrite()
+        if self._rotate:
+            if time.monotonic() - self._failures_logged_at > 60:
                 self._failures_logged_at = time.monotonic()
-                log.error(
-                    "could not write %d replies to the journal in %s", len(failed), self.journal.dir
-                )
-        finally:
-            self._saving = None
-            self._arm()
+                log.error("could not write the reply journal %s", self.journal.log_path)
+            self._timer = asyncio.get_running_loop().call_later(
+                settings.CHAT_CHECKPOINT_SECONDS, self._save
+            )
+
+    def _outgrown(self) -> bool:
+        if self.journal.size < ROTATE_BYTES:
+            return False
+        return self.journal.size > 4 * sum(len(r.text) for r in self.live.values())
+
+    def _rewrite(self) -> bool:
+        """A fresh log with every running reply's whole text."""
+        uptos = {reply: len(reply.parts) for reply in self.live.values()}
+        texts = {
+            reply.message_id: clean_text("".join(reply.parts[:upto])).encode()
+            for reply, upto in uptos.items()
+        }
+        if not self.journal.rotate(texts):
+            return False
+        for reply, upto in uptos.items():
+            reply.saved_parts, reply.journalled = upto, True
+        return True
 
 
 _writers: dict[asyncio.AbstractEventLoop, CheckpointWriter] = {}
@@ -606,18 +620,21 @@ def sweeper_ensure() -> None:
 
 
 async def sweep_once() -> int:
-    """Retire this machine's abandoned replies (services.replies_sweep); how many."""
+    """This process's final saves that failed, tried again; then the replies of
+    processes that died (services.replies_sweep). How many rows it saved."""
     writer = checkpoint_writer()
-    # Files listed before the running replies are: a reply that starts in
-    # between has no file in the list, so it cannot pass for abandoned.
-    journalled = await asyncio.get_running_loop().run_in_executor(None, writer.journal.ids)
-    keep = set(_running) | set(writer.pending)
-    return await run_db(
-        services.replies_sweep,
-        own_journal=writer.journal,
-        own_abandoned=[i for i in journalled if i not in keep],
-        exclude_ids=keep,
-    )
+    saved = 0
+    for message_id, final in list(writer.unfinished.items()):
+        try:
+            await run_db(services.reply_finish, **final, attempts=1)
+        except Exception:
+            log.warning("reply %s: its final save failed again", message_id, exc_info=True)
+            continue
+        del writer.unfinished[message_id]
+        writer.finished(message_id)
+        saved += 1
+    ours = set(_running) | set(writer.live) | set(writer.pending)
+    return saved + await run_db(services.replies_sweep, exclude_ids=ours)
 
 
 async def _sweep_forever() -> None:

@@ -476,60 +476,52 @@ def reply_finish(
 
 
 REPLY_KILLED = "The server stopped before this reply finished."
-REPLY_UNSAVED = "This reply could not be saved when it ended; the text it had is kept."
 
 
-def replies_sweep(
-    *,
-    older_than: timedelta | None = None,
-    exclude_ids=(),
-    own_journal: journal.Journal | None = None,
-    own_abandoned=(),
-) -> int:
+def replies_sweep(*, older_than: timedelta | None = None, exclude_ids=()) -> int:
     """Mark streaming rows nobody is generating any more `interrupted`.
 
     1. Workers that died (chat.journal: their lock is free): their rows get the
        journalled text.
-    2. This process's journalled replies that are no longer running
-       (`own_abandoned` in `own_journal`: their final save failed): the same.
-    3. Rows in no live worker's journal that have not changed for `older_than`
-       (CHAT_STALE_SECONDS): a worker that died before its first journal
-       write, or a server of an older version. `exclude_ids` are kept too.
+    2. Rows that no live worker's journal has and that have not changed for
+       `older_than` (CHAT_STALE_SECONDS): a worker that died before its first
+       journal write, or a server of an older version. `exclude_ids` (the
+       caller's own replies) are kept.
 
-    Runs on the database thread with its file work: a few directory listings,
-    and reading dead workers' files, which only a crash leaves.
+    Its file work runs on the database thread: a directory listing, and reading
+    logs only when a worker died or stale rows need checking.
     """
     root = journal.journal_root()
     swept = 0
     for dead in journal.claim_dead(root):
         try:
-            swept += _replies_recover(dead.texts, REPLY_KILLED)
+            swept += _replies_recover(dead.texts)
         except Exception:
             dead.release()
             raise
         dead.remove()
-    if own_journal is not None and own_abandoned:
-        ids = list(own_abandoned)
-        swept += _replies_recover(own_journal.read_all(ids), REPLY_UNSAVED)
-        own_journal.remove(ids)
     if older_than is None:
         older_than = timedelta(seconds=settings.CHAT_STALE_SECONDS)
     stale = Message.objects.streaming().filter(updated__lt=timezone.now() - older_than)
-    keep = journal.live_ids(root) | set(exclude_ids)
-    return swept + stale.exclude(pk__in=list(keep)).update(
+    candidates = set(stale.exclude(pk__in=list(exclude_ids)).values_list("pk", flat=True))
+    if candidates:
+        candidates -= journal.live_ids(root)
+    if not candidates:
+        return swept
+    return swept + stale.filter(pk__in=list(candidates)).update(
         status=Message.Status.INTERRUPTED, error=REPLY_KILLED, updated=timezone.now()
     )
 
 
-def _replies_recover(texts: dict[int, str], error: str) -> int:
-    """Store journalled texts in their rows, which end `interrupted`; rows that
-    have ended meanwhile keep their final save."""
+def _replies_recover(texts: dict[int, str]) -> int:
+    """Store a dead worker's journalled texts in their rows, which end
+    `interrupted`; rows that have ended meanwhile keep their final save."""
     recovered = 0
     with transaction.atomic():
         for message_id, text in texts.items():
             fields = {
                 "status": Message.Status.INTERRUPTED,
-                "error": error,
+                "error": REPLY_KILLED,
                 "updated": timezone.now(),
             }
             if text:

@@ -16,7 +16,7 @@ from django.db import connections
 from django.utils import timezone
 
 from chat import journal, services
-from chat.journal import Journal, TextReader
+from chat.journal import ADD, END, SET, Journal, LogState, TextReader, record
 from chat.models import Message
 
 pytestmark = pytest.mark.django_db
@@ -41,10 +41,9 @@ class Worker:
             f"""
             import os, sys
             from pathlib import Path
-            from chat.journal import Journal
+            from chat.journal import SET, Journal, record
             j = Journal(Path({str(root)!r}))
-            entries = [(i, t.encode(), True) for i, t in {texts!r}.items()]
-            assert not j.write(entries, [])
+            assert j.write(b"".join(record(SET, i, t.encode()) for i, t in {texts!r}.items()))
             print(j.worker, flush=True)
             sys.stdin.readline()
             os._exit(0)  # no atexit: nothing is cleaned up, as after kill -9
@@ -65,35 +64,74 @@ class Worker:
         self.process.wait(5)
 
 
-def test_text_is_appended_and_read_back_in_whole_characters(tmp_path):
+def test_records_are_read_back_incrementally_in_whole_characters(tmp_path):
     own = Journal(tmp_path)
-    assert own.write([(7, b"", True)], []) == set()  # registered before any text
+    assert own.write(record(SET, 7, b"") + record(SET, 8, b"other"))  # 7 registered
     reader = TextReader(tmp_path, 7)
     assert reader.read() == ""
     data = "héllo 🙂".encode()
-    own.write([(7, data[:2], False)], [])  # "h" and half of "é"
-    assert reader.read() == "h"
-    own.write([(7, data[2:], False)], [])
-    assert reader.read() == "éllo 🙂"
+    torn = record(ADD, 7, data)
+    assert own.write(torn[:-3])  # the writer is between two writes: half a record
     assert reader.read() == ""
-    assert own.ids() == [7]
-    own.write([], [7])  # its final save is done
-    assert own.ids() == [] and reader.read() == ""
-    own.close()
+    assert own.write(torn[-3:])
+    assert reader.read() == "héllo 🙂"
+    assert reader.read() == ""
+    assert own.write(record(ADD, 7, b"!") + record(END, 8, b""))
+    assert reader.read() == "!"
+    state = LogState(own.log_path)
+    state.feed()
+    assert (state.texts, state.ended) == ({7: bytearray("héllo 🙂!".encode())}, {8})
+    assert own.write(record(END, 7, b""))
+    assert reader.read() == ""
+    own.close(clean=True)
     assert list(tmp_path.iterdir()) == []  # a clean exit leaves nothing
 
 
-def test_a_whole_entry_replaces_a_torn_file(tmp_path):
+def test_a_rotated_log_keeps_only_the_running_replies_and_readers_follow_it(tmp_path):
     own = Journal(tmp_path)
-    own.write([(1, b"torn hal", True)], [])
-    own.write([(1, b"whole text", True)], [])
-    assert journal._read(own.dir / "1") == "whole text"
+    own.write(record(SET, 1, b"one ") + record(SET, 2, b"gone"))
+    reader = TextReader(tmp_path, 1)
+    assert reader.read() == "one "
+    assert own.rotate({1: b"one two "})
+    assert own.write(record(ADD, 1, b"three"))
+    assert reader.read() == "two three"  # a new file at the path: read from its start
+    state = LogState(own.log_path)
+    state.feed()
+    assert state.texts == {1: bytearray(b"one two three")}
+    assert own.size == own.log_path.stat().st_size
 
 
-def test_an_unwritable_journal_reports_every_reply_as_failed(tmp_path):
+def test_garbage_in_a_log_stops_its_reading_there(tmp_path):
+    path = tmp_path / "w.log"
+    path.write_bytes(record(SET, 1, b"kept") + b"not a record\n" + record(ADD, 1, b"lost"))
+    state = LogState(path)
+    state.feed()
+    assert state.texts == {1: bytearray(b"kept")}
+
+
+def test_an_unwritable_journal_says_so(tmp_path):
     (tmp_path / "file").write_text("")
     own = Journal(tmp_path / "file" / "journal")  # its parent is a file
-    assert own.write([(1, b"a", True), (2, b"b", False)], []) == {1, 2}
+    assert not own.write(record(SET, 1, b"a"))
+    assert not own.rotate({1: b"a"})
+
+
+def test_a_failed_append_leaves_no_torn_record(tmp_path, monkeypatch):
+    own = Journal(tmp_path)
+    assert own.write(record(SET, 1, b"first "))
+    real_write = os.write
+
+    def disk_full(fd, data):
+        real_write(fd, bytes(data[:5]))  # part of it made it
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(journal.os, "write", disk_full)
+    assert not own.write(record(ADD, 1, b"second"))
+    monkeypatch.setattr(journal.os, "write", real_write)
+    assert own.write(record(ADD, 1, b"third"))
+    state = LogState(own.log_path)
+    state.feed()
+    assert state.texts == {1: bytearray(b"first third")}
 
 
 def test_a_live_workers_replies_are_live_and_a_dead_ones_are_claimed(tmp_path):
@@ -103,10 +141,11 @@ def test_a_live_workers_replies_are_live_and_a_dead_ones_are_claimed(tmp_path):
     try:
         assert journal.live_ids(tmp_path) == {1}
         claimed = journal.claim_dead(tmp_path)
-        assert [(w.dir.name, w.texts) for w in claimed] == [(dead.name, {2: "dead text", 3: ""})]
+        assert [(w.worker, w.texts) for w in claimed] == [(dead.name, {2: "dead text", 3: ""})]
         assert journal.claim_dead(tmp_path) == []  # held by this process until removed
         claimed[0].remove()
-        assert sorted(p.name for p in tmp_path.iterdir()) == [alive.name, f"{alive.name}.lock"]
+        names = sorted(p.name for p in tmp_path.iterdir())
+        assert names == [f"{alive.name}.lock", f"{alive.name}.log"]
     finally:
         alive.die()
     (gone,) = journal.claim_dead(tmp_path)
@@ -126,6 +165,7 @@ def test_sweep_stores_a_dead_workers_text_in_its_rows(conversation, settings):
     Worker(root, {killed.pk: "so far\x00", ended.pk: "fin"}).die()
     try:
         assert services.replies_sweep() == 2  # killed, and old (in no journal)
+        assert services.replies_sweep(older_than=timedelta(0)) == 0
     finally:
         alive.die()
     rows = {m.pk: m for m in Message.objects.all()}
@@ -134,16 +174,8 @@ def test_sweep_stores_a_dead_workers_text_in_its_rows(conversation, settings):
     assert (rows[ended.pk].status, rows[ended.pk].content) == ("complete", "final")
     assert rows[running.pk].status == "streaming"  # old, but its worker is alive
     assert (rows[old.pk].status, rows[old.pk].content) == ("interrupted", "")
-
-
-def test_sweep_stores_this_processs_replies_whose_final_save_failed(conversation, tmp_path):
-    lost = _streaming_reply(conversation)
-    own = Journal(tmp_path)
-    own.write([(lost.pk, b"kept", True)], [])
-    assert services.replies_sweep(own_journal=own, own_abandoned=[lost.pk]) == 1
-    row = Message.objects.get(pk=lost.pk)
-    assert (row.status, row.content, row.error) == ("interrupted", "kept", services.REPLY_UNSAVED)
-    assert own.ids() == []
+    assert services.replies_sweep() == 1  # its worker has died since
+    assert Message.objects.get(pk=running.pk).content == "still going"
 
 
 def test_the_journal_directory_is_one_per_database(settings):
@@ -160,11 +192,11 @@ def test_the_journal_directory_is_one_per_database(settings):
     assert journal.journal_root() == first
 
 
-def test_a_worker_that_exits_cleanly_with_a_reply_left_leaves_it_to_the_sweep(tmp_path):
+def test_a_worker_that_exits_with_a_reply_left_leaves_it_to_the_sweep(tmp_path):
     own = Journal(tmp_path)
-    own.write([(5, b"unsaved", True)], [])
-    own.close()  # its lock is free now: the next sweep stores the text
+    own.write(record(SET, 5, b"unsaved"))
+    own.close(clean=False)  # its lock is free now: the next sweep stores the text
     (left,) = journal.claim_dead(tmp_path)
     assert left.texts == {5: "unsaved"}
-    left.release()
-    assert os.path.exists(tmp_path / own.worker / "5")
+    left.remove()
+    assert list(tmp_path.iterdir()) == []

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+from pathlib import Path
 
 import pytest
 
 from chat import journal, replies, services
 from chat.db import run_db
-from chat.journal import Journal, text_so_far
+from chat.journal import Journal, LogState, journal_root, live_ids, text_so_far
 from chat.llm import Delta, ProviderError
 from chat.models import Conversation, Message
 from tests.conftest import AsgiStream
@@ -34,20 +35,27 @@ async def _send(cookie: str, content: str = "hello", model: str = "scripted", pa
 
 async def _count_writes(monkeypatch) -> dict:
     counts = {"checkpoint": 0, "finish": 0}
-    write, finish = Journal.write, services.reply_finish
+    record, finish = replies.record, services.reply_finish
 
-    def counting_checkpoints(self, entries, finished):
+    def counting_record(kind, message_id, text):
         # Texts written to the journal, whatever the batching (b"" registers a reply).
-        counts["checkpoint"] += sum(1 for _, data, _ in entries if data)
-        return write(self, entries, finished)
+        if text:
+            counts["checkpoint"] += 1
+        return record(kind, message_id, text)
 
     def counting_finish(**kwargs):
         counts["finish"] += 1
         return finish(**kwargs)
 
-    monkeypatch.setattr(Journal, "write", counting_checkpoints)
+    monkeypatch.setattr(replies, "record", counting_record)
     monkeypatch.setattr(services, "reply_finish", counting_finish)
     return counts
+
+
+def _journalled_ids(data: bytes) -> list[int]:
+    state = LogState(Path("unused"))
+    state._apply(data)
+    return list(state.texts)
 
 
 async def test_send_streams_deltas_in_order_before_upstream_finishes(
@@ -134,42 +142,50 @@ async def test_checkpoint_stores_text_while_streaming(user, scripted, asgi_login
     await scripted.script.put(None)
     assert (await _wait_finished(reply_id)).content == "partial text"
     for _ in range(100):  # the journal lets go of it in the next batch
-        if not replies.checkpoint_writer().journal.ids():
+        if reply_id not in live_ids(journal_root()):
             break
         await asyncio.sleep(0.02)
-    assert replies.checkpoint_writer().journal.ids() == []
+    assert reply_id not in live_ids(journal_root())
 
 
-async def test_a_reply_whose_final_save_failed_is_stored_by_the_sweep(
+async def test_a_reply_whose_final_save_failed_is_saved_by_the_sweep(
     user, scripted, asgi_login, monkeypatch, settings
 ):
     settings.CHAT_CHECKPOINT_SECONDS = 0.05
+    finish = services.reply_finish
+    calls = []
 
-    def failing_finish(**kwargs):
-        raise services.OperationalError("disk I/O error")
+    def failing_once(**kwargs):
+        calls.append(kwargs)
+        if len(calls) == 1:
+            raise services.OperationalError("disk I/O error")
+        return finish(**kwargs)
 
-    monkeypatch.setattr(services, "reply_finish", failing_finish)
+    monkeypatch.setattr(services, "reply_finish", failing_once)
     stream = await _send(await asgi_login(user))
     events = stream.events()
     _, start = await anext(events)
     reply_id = start["assistant_message"]
     await scripted.script.put("all of it")
+    await scripted.script.put(Delta(finish_reason="stop"))
     await scripted.script.put(None)
     async for name, _data in events:
         if name == "end":
             break
-    for _ in range(100):  # the rest of its text is journalled after the failure
-        if text_so_far(reply_id) == "all of it" and not replies.checkpoint_writer().pending:
+    for _ in range(100):  # meanwhile its whole text is journalled, in case we die
+        if text_so_far(reply_id) == "all of it":
             break
         await asyncio.sleep(0.02)
+    assert text_so_far(reply_id) == "all of it"
+    assert (await Message.objects.aget(pk=reply_id)).status == Message.Status.STREAMING
     assert await replies.sweep_once() == 1
     row = await Message.objects.aget(pk=reply_id)
-    assert (row.status, row.content, row.error) == (
-        Message.Status.INTERRUPTED,
+    assert (row.status, row.content, row.finish_reason) == (
+        Message.Status.COMPLETE,
         "all of it",
-        services.REPLY_UNSAVED,
+        "stop",
     )
-    assert replies.checkpoint_writer().journal.ids() == []
+    assert await replies.sweep_once() == 0
 
 
 async def test_stop_closes_upstream_and_keeps_text(user, scripted, asgi_login, monkeypatch):
@@ -526,9 +542,9 @@ async def test_checkpoints_of_concurrent_replies_share_one_journal_batch(
     calls: list[list[int]] = []
     write = Journal.write
 
-    def counting(self, entries, finished):
-        calls.append([message_id for message_id, _, _ in entries])
-        return write(self, entries, finished)
+    def counting(self, data):
+        calls.append(_journalled_ids(data))
+        return write(self, data)
 
     monkeypatch.setattr(Journal, "write", counting)
     conversation = await Conversation.objects.acreate(owner=user, model="scripted")
@@ -608,22 +624,22 @@ async def test_the_model_sees_the_new_chats_system_prompt_then_the_whole_path(
     ]
 
 
-async def test_a_reply_whose_journal_write_failed_is_rewritten_whole(
+async def test_a_failed_journal_write_is_made_good_by_a_rotation(
     user, scripted, monkeypatch, settings
 ):
     settings.CHAT_CHECKPOINT_SECONDS = 0.05
     settings.CHAT_MAX_CONCURRENT_REPLIES = 10
-    write_file = journal._write_file
+    real_write = os.write
     failures = []
 
-    def tearing_once(path, data, mode):
-        if path.name == str(batch[1].message_id) and mode == os.O_APPEND and not failures:
-            failures.append(path)
-            write_file(path, data[: len(data) // 2], mode)  # disk full part-way
+    def disk_full_once(fd, data):
+        if b"second" in bytes(data) and not failures:
+            failures.append(fd)
+            real_write(fd, bytes(data[:7]))  # part of it made it
             raise OSError(28, "No space left on device")
-        return write_file(path, data, mode)
+        return real_write(fd, data)
 
-    monkeypatch.setattr(journal, "_write_file", tearing_once)
+    monkeypatch.setattr(journal.os, "write", disk_full_once)
     conversation = await Conversation.objects.acreate(owner=user, model="scripted")
     batch = []
     for i in range(3):
@@ -642,11 +658,11 @@ async def test_a_reply_whose_journal_write_failed_is_rewritten_whole(
         reply.parts.append("second")
         reply.unsaved = True
         writer.add(reply)
-    for _ in range(100):  # the upstream is silent: no new text brings the torn one back
-        await asyncio.sleep(0.02)
-        if failures and not writer.pending and writer._saving is None:
-            break
+    await asyncio.sleep(0.15)  # the upstream is silent: no new text brings them back
     assert failures
     assert {r.message_id: text_so_far(r.message_id) for r in batch} == {
         r.message_id: r.text for r in batch
     }
+    state = LogState(writer.journal.log_path)
+    state.feed()
+    assert state.texts == {r.message_id: bytearray(r.text.encode()) for r in batch}
