@@ -7,7 +7,8 @@ constant number of writes per reply whatever its length: its insert and its
 final save. The journal is also how a page served by another process follows
 a running reply.
 
-Layout, under `journal_root()` (one directory per database, in CHATSITE_DATA_DIR):
+Layout, under `journal_root()` (CHAT_JOURNAL_DIR, else one directory per
+database in CHATSITE_DATA_DIR/journal):
 
     <worker>.lock    flock()ed by a live worker for as long as it runs
     <worker>.log     its records, appended: one write() a second for all replies
@@ -22,7 +23,7 @@ when it outgrows them.
 
 A lock that can be taken belongs to a worker that is gone (the kernel drops a
 killed process's locks): whoever takes it stores that worker's texts in their
-rows (`interrupted`) and removes its files. So every process that shares a
+rows and removes its files. So every process that shares a
 database must share this directory: the README's deployment (several workers
 on one machine) does.
 
@@ -36,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import json
 import os
 import secrets
 import socket
@@ -44,7 +46,7 @@ from pathlib import Path
 from django.conf import settings
 from django.db import DEFAULT_DB_ALIAS, connections
 
-SET, ADD, END = b"=", b"+", b"-"
+SET, ADD, END, FINAL = b"=", b"+", b"-", b"!"
 _LOCK, _LOG = ".lock", ".log"
 # Rotate when the log is this big and four times its running replies' text.
 ROTATE_BYTES = 4 * 1024 * 1024
@@ -99,8 +101,13 @@ class Journal:
             # the lock unlocked and take this worker for a dead one.
             hidden = self.root / f".{self.worker}{_LOCK}"
             fd = os.open(hidden, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            os.rename(hidden, self.root / f"{self.worker}{_LOCK}")
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                os.rename(hidden, self.root / f"{self.worker}{_LOCK}")
+            except OSError:
+                os.close(fd)
+                hidden.unlink(missing_ok=True)
+                raise
             self._lock_fd = fd
         self._log_fd = os.open(
             self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600
@@ -126,23 +133,25 @@ class Journal:
             with contextlib.suppress(OSError):
                 os.ftruncate(self._log_fd, self.size)
 
-    def rotate(self, texts: dict[int, bytes]) -> bool:
-        """Replace the log by one holding only `texts` (the running replies')."""
-        data = b"".join(record(SET, message_id, text) for message_id, text in texts.items())
+    def rotate(self, records: bytes) -> bool:
+        """Replace the log by one holding only `records` (the running replies')."""
         hidden = self.root / f".{self.worker}{_LOG}"
         try:
             self._ensure_open()
             fd = os.open(hidden, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             try:
-                _write_all(fd, data)
+                _write_all(fd, records)
             finally:
                 os.close(fd)
             os.replace(hidden, self.log_path)  # readers see the old log or the new one
         except OSError:
+            with contextlib.suppress(OSError):
+                hidden.unlink(missing_ok=True)
             return False
+        # The new log is in place: the next write opens it (and says so if it can't).
         os.close(self._log_fd)
         self._log_fd = None
-        self._ensure_open()
+        self.size = len(records)
         return True
 
     def close(self, *, clean: bool) -> None:
@@ -154,8 +163,7 @@ class Journal:
         if self._lock_fd is None:
             return
         if clean:
-            for path in (self.log_path, self.root / f"{self.worker}{_LOCK}"):
-                path.unlink(missing_ok=True)
+            _remove_worker_files(self.root, self.worker)
         os.close(self._lock_fd)
         self._lock_fd = None
 
@@ -172,7 +180,7 @@ class LogState:
         self.path = path
         self.only = only  # keep this reply's text only (a page following it)
         self.texts: dict[int, bytearray] = {}
-        self.ended: set[int] = set()
+        self.finals: dict[int, dict] = {}
         self._offset = 0
         self._inode: tuple[int, int] | None = None
 
@@ -181,13 +189,16 @@ class LogState:
         try:
             with open(self.path, "rb") as f:
                 st = os.fstat(f.fileno())
-                if (st.st_dev, st.st_ino) != self._inode:
+                # A rotated log (another file, or the same inode reused and shorter)
+                # starts with whole texts: read it from its start.
+                if (st.st_dev, st.st_ino) != self._inode or st.st_size < self._offset:
                     self._inode = (st.st_dev, st.st_ino)
                     self._offset = 0
-                    self.texts.clear()  # a rotated log starts with whole texts
+                    self.texts.clear()
+                    self.finals.clear()
                 f.seek(self._offset)
                 data = f.read()
-        except FileNotFoundError:
+        except OSError:  # gone (swept), or not ours to read
             return False
         self._offset += self._apply(data)
         return True
@@ -203,20 +214,27 @@ class LogState:
                 message_id, length = int(message_id), int(length)
             except ValueError:
                 return pos  # not a record: nothing after it can be trusted
+            if kind not in (SET, ADD, END, FINAL) or length < 0:
+                return pos
             end = newline + 1 + length
             if end + 1 > len(data):
                 return pos
             text = data[newline + 1 : end]
             pos = end + 1
+            if self.only is not None and message_id != self.only:
+                continue
             if kind == END:
                 self.texts.pop(message_id, None)
-                self.ended.add(message_id)
-            elif self.only is not None and message_id != self.only:
-                continue
+                self.finals.pop(message_id, None)
             elif kind == SET:
                 self.texts[message_id] = bytearray(text)
             elif kind == ADD:
                 self.texts.setdefault(message_id, bytearray()).extend(text)
+            elif kind == FINAL:
+                try:
+                    self.finals[message_id] = json.loads(text)
+                except ValueError:
+                    return pos
 
     def text(self, message_id: int) -> str:
         return bytes(self.texts.get(message_id, b"")).decode("utf-8", errors="replace")
@@ -234,14 +252,21 @@ def _try_lock(root: Path, worker: str) -> int | None:
     """The worker's lock if it is free (the worker is gone), else None."""
     try:
         fd = os.open(root / f"{worker}{_LOCK}", os.O_RDWR | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return None  # swept by another process meanwhile
+    except OSError:
+        return None  # swept by another process meanwhile (or not ours to take)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    except OSError:
         os.close(fd)  # alive (or being swept by another process)
         return None
     return fd
+
+
+def _remove_worker_files(root: Path, worker: str) -> None:
+    """Its log, a rotation's leftover, then its lock (last: while it exists, the
+    worker counts)."""
+    for name in (f"{worker}{_LOG}", f".{worker}{_LOG}", f"{worker}{_LOCK}"):
+        (root / name).unlink(missing_ok=True)
 
 
 class DeadWorker:
@@ -254,11 +279,11 @@ class DeadWorker:
         state = LogState(root / f"{worker}{_LOG}")
         state.feed()
         self.texts = {i: state.text(i) for i in state.texts}
+        self.finals = dict(state.finals)
 
     def remove(self) -> None:
-        """Its texts are stored: delete its log, then its lock."""
-        (self.root / f"{self.worker}{_LOG}").unlink(missing_ok=True)
-        (self.root / f"{self.worker}{_LOCK}").unlink(missing_ok=True)
+        """Its replies are stored: delete its files."""
+        _remove_worker_files(self.root, self.worker)
         os.close(self.lock_fd)
 
     def release(self) -> None:
@@ -277,13 +302,10 @@ def claim_dead(root: Path) -> list[DeadWorker]:
 
 
 def live_ids(root: Path) -> set[int]:
-    """Replies that live workers (this one included) are running."""
+    """Replies that some worker's log holds: the live ones', and those of dead
+    workers that no sweep has stored yet (claim_dead's, not for marking)."""
     ids: set[int] = set()
     for worker in _workers(root):
-        fd = _try_lock(root, worker)
-        if fd is not None:  # gone: claim_dead's business, not ours
-            os.close(fd)
-            continue
         state = LogState(root / f"{worker}{_LOG}")
         state.feed()
         ids.update(state.texts)

@@ -13,6 +13,7 @@ import asyncio
 import atexit
 import contextlib
 import contextvars
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -22,7 +23,17 @@ from django.conf import settings
 
 from . import services
 from .db import run_db
-from .journal import ADD, END, ROTATE_BYTES, SET, Journal, TextReader, journal_root, record
+from .journal import (
+    ADD,
+    END,
+    FINAL,
+    ROTATE_BYTES,
+    SET,
+    Journal,
+    TextReader,
+    journal_root,
+    record,
+)
 from .llm import ChatMessage, GenerationParams, Provider, ProviderError, abort_hooks_open
 from .models import Message
 from .text import clean_text
@@ -180,7 +191,7 @@ class Reply:
         end = ReplyEnd(status=Message.Status.COMPLETE)
         checkpoints = checkpoint_writer()
         self.unsaved = True
-        checkpoints.add(self)  # its journal file, before any text: see CheckpointWriter
+        checkpoints.add(self)  # in the journal before any text: see CheckpointWriter
         stream = self.provider.stream(self.messages, self.params)
         try:
             if self._cancel_requested:  # stopped before the task first ran
@@ -238,10 +249,7 @@ class Reply:
             await run_db(services.reply_finish, **final)
         except Exception:
             log.exception("could not save reply %s; the sweep will try again", self.message_id)
-            # Its whole text goes to the journal meanwhile, in case this process dies.
-            self.unsaved = True
-            checkpoints.add(self)
-            checkpoints.unfinished[self.message_id] = final
+            checkpoints.unfinished_add(self, final)
         else:
             checkpoints.finished(self.message_id)
         finally:
@@ -265,19 +273,21 @@ class CheckpointWriter:
 
     The append runs on the event loop: a few µs for all replies. A thread would
     not be cheaper: its system calls wait for the busy loop to hand over the GIL.
-    A failed append is made good by a rotation in the next batch, which rewrites
-    every running reply whole.
+    A failed append is made good at once by a rotation, which rewrites every
+    running reply whole (tried again every interval until it works).
     """
 
     def __init__(self):
         self.journal = Journal(journal_root())
         self.pending: dict[int, Reply] = {}
         self.live: dict[int, Reply] = {}  # in the journal and not ended
-        # Replies whose final save failed, with its fields: the sweep tries again.
+        # Replies whose final save failed, with its fields: the sweep tries again,
+        # and the journal holds them (FINAL) in case this process dies first.
         self.unfinished: dict[int, dict] = {}
+        self._finals_due: list[int] = []  # unfinished ones not journalled yet
         self._ended: list[int] = []  # final save done: an END record each
         self._timer: asyncio.TimerHandle | None = None
-        self._rotate = False
+        self.failing = False  # the journal cannot be written: rotate until it can
         self._failures_logged_at = float("-inf")
         atexit.register(self.close)
 
@@ -288,15 +298,28 @@ class CheckpointWriter:
     def discard(self, reply: Reply) -> None:
         self.pending.pop(reply.message_id, None)
 
+    def unfinished_add(self, reply: Reply, final: dict) -> None:
+        """The reply's final save failed: journal all its text and its end."""
+        self.unfinished[reply.message_id] = final
+        self._finals_due.append(reply.message_id)
+        reply.unsaved = True
+        self.add(reply)
+
     def finished(self, message_id: int) -> None:
         """The reply's final save is done: the journal can forget it."""
+        self.pending.pop(message_id, None)
         self._ended.append(message_id)
         self._arm()
 
     def close(self) -> None:
-        """Its loop has closed or the process exits: let go of the journal, and of
-        the log too if nothing in it is still needed."""
-        self.journal.close(clean=not set(self.live) - set(self._ended))
+        """Its loop has closed or the process exits: what is due goes to the
+        journal now, and the log goes too if nothing in it is still needed."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.pending or self._ended or self._finals_due:
+            self._flush()
+        self.journal.close(clean=not self.live)
 
     def _arm(self) -> None:
         if self._timer is not None:
@@ -306,37 +329,48 @@ class CheckpointWriter:
 
     def _save(self) -> None:
         self._timer = None
+        self._flush()
+        if self.failing:
+            if time.monotonic() - self._failures_logged_at > 60:
+                self._failures_logged_at = time.monotonic()
+                log.error("could not write the reply journal %s", self.journal.log_path)
+            self._arm()  # try again: a rotation rewrites everything
+
+    def _flush(self) -> None:
         batch, self.pending = list(self.pending.values()), {}
         ended, self._ended = self._ended, []
+        finals, self._finals_due = self._finals_due, []
         for message_id in ended:
             self.live.pop(message_id, None)
         for reply in batch:
             reply.unsaved = False  # from here on new text joins the next batch
             self.live[reply.message_id] = reply
-        if self._rotate or self._outgrown():
-            self._rotate = not self._rewrite()
+        if self.failing or self._outgrown():
+            self.failing = not self._rewrite()
+            return
+        written = []
+        for reply in batch:
+            upto = len(reply.parts)
+            text = clean_text("".join(reply.parts[reply.saved_parts : upto])).encode()
+            kind = ADD if reply.journalled else SET
+            written.append((reply, upto, record(kind, reply.message_id, text)))
+        data = b"".join(
+            [r for _, _, r in written]
+            + [self._final_record(message_id) for message_id in finals]
+            + [record(END, message_id, b"") for message_id in ended]
+        )
+        if self.journal.write(data):
+            for reply, upto, _ in written:
+                reply.saved_parts, reply.journalled = upto, True
         else:
-            records = []
-            for reply in batch:
-                upto = len(reply.parts)
-                text = clean_text("".join(reply.parts[reply.saved_parts : upto])).encode()
-                kind = ADD if reply.journalled else SET
-                records.append((reply, upto, record(kind, reply.message_id, text)))
-            data = b"".join(r for _, _, r in records) + b"".join(
-                record(END, message_id, b"") for message_id in ended
-            )
-            if self.journal.write(data):
-                for reply, upto, _ in records:
-                    reply.saved_parts, reply.journalled = upto, True
-            else:
-                self._rotate = not self._rewrite()
-        if self._rotate:
-            if time.monotonic() - self._failures_logged_at > 60:
-                self._failures_logged_at = time.monotonic()
-                log.error("could not write the reply journal %s", self.journal.log_path)
-            self._timer = asyncio.get_running_loop().call_later(
-                settings.CHAT_CHECKPOINT_SECONDS, self._save
-            )
+            self.failing = not self._rewrite()
+
+    def _final_record(self, message_id: int) -> bytes:
+        final = self.unfinished.get(message_id)
+        if final is None:
+            return b""  # saved by the sweep meanwhile
+        end = {key: value for key, value in final.items() if key not in ("message_id", "content")}
+        return record(FINAL, message_id, json.dumps(end).encode())
 
     def _outgrown(self) -> bool:
         if self.journal.size < ROTATE_BYTES:
@@ -344,13 +378,16 @@ class CheckpointWriter:
         return self.journal.size > 4 * sum(len(r.text) for r in self.live.values())
 
     def _rewrite(self) -> bool:
-        """A fresh log with every running reply's whole text."""
+        """A fresh log with every running reply's whole text (and unsaved ends)."""
         uptos = {reply: len(reply.parts) for reply in self.live.values()}
-        texts = {
-            reply.message_id: clean_text("".join(reply.parts[:upto])).encode()
-            for reply, upto in uptos.items()
-        }
-        if not self.journal.rotate(texts):
+        data = b"".join(
+            [
+                record(SET, reply.message_id, clean_text("".join(reply.parts[:upto])).encode())
+                for reply, upto in uptos.items()
+            ]
+            + [self._final_record(message_id) for message_id in self.unfinished]
+        )
+        if not self.journal.rotate(data):
             return False
         for reply, upto in uptos.items():
             reply.saved_parts, reply.journalled = upto, True
@@ -525,7 +562,7 @@ async def reply_follow(message: Message) -> AsyncIterator[str | ReplyEnd | objec
     Yields the text so far first (a str, possibly empty), then str deltas
     (whatever has arrived, joined: batching costs nothing when idle and saves
     writes under load), HEARTBEAT when idle, and finally one ReplyEnd. For a
-    reply running in another process it follows the row's checkpoints.
+    reply running in another process it follows the journal (and the row, for its end).
     """
     reply = _running.get(message.pk)
     if reply is None:
@@ -634,6 +671,9 @@ async def sweep_once() -> int:
         writer.finished(message_id)
         saved += 1
     ours = set(_running) | set(writer.live) | set(writer.pending)
+    if writer.failing and ours:
+        # Not in any log: the rows themselves must say that they are alive.
+        await run_db(services.replies_touch, ids=ours)
     return saved + await run_db(services.replies_sweep, exclude_ids=ours)
 
 

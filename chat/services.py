@@ -347,8 +347,9 @@ def _update_sql(model, columns: tuple[str, ...], only_if: tuple[str, ...]) -> st
     return sql
 
 
-def _row_update(model, pk: int, values: dict, only_if: dict | None = None) -> None:
-    """UPDATE one row's `values` by primary key (and `only_if` column values).
+def _row_update(model, pk: int, values: dict, only_if: dict | None = None) -> int:
+    """UPDATE one row's `values` by primary key (and `only_if` column values);
+    how many rows changed.
 
     What `filter(...).update(...)` does, minus its per-call query building, which
     cost more than the database's work: checkpoints and final saves run for
@@ -364,6 +365,7 @@ def _row_update(model, pk: int, values: dict, only_if: dict | None = None) -> No
     params.insert(len(values), pk)
     with db.cursor() as cursor:
         cursor.execute(sql, params)
+        return cursor.rowcount
 
 
 def reply_regenerate(*, conversation: Conversation, reply: Message, model: str) -> Message:
@@ -450,17 +452,16 @@ def reply_finish(
     attempts: int = 5,
 ) -> None:
     """The final save of a reply. Retried when the database is busy: never lose a reply."""
-    fields = {
-        "content": clean_text(content),
-        "status": status,
-        "finish_reason": finish_reason or "",
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "ttft_ms": ttft_ms,
-        "duration_ms": duration_ms,
-        "error": error,
-        "updated": timezone.now(),
-    }
+    fields = _final_fields(
+        content=content,
+        status=status,
+        finish_reason=finish_reason,
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        ttft_ms=ttft_ms,
+        duration_ms=duration_ms,
+        error=error,
+    )
     for attempt in range(attempts):
         try:
             _row_update(Message, message_id, fields)
@@ -475,6 +476,28 @@ def reply_finish(
             check_connection()
 
 
+def _final_fields(*, content: str, status: str, finish_reason: str = "", **fields) -> dict:
+    return {
+        "content": clean_text(content),
+        "status": status,
+        "finish_reason": finish_reason or "",
+        "prompt_tokens": fields.get("prompt_tokens"),
+        "completion_tokens": fields.get("completion_tokens"),
+        "ttft_ms": fields.get("ttft_ms"),
+        "duration_ms": fields.get("duration_ms"),
+        "error": fields.get("error", ""),
+        "updated": timezone.now(),
+    }
+
+
+def replies_touch(*, ids) -> None:
+    """Mark running replies alive in their rows: only while this process cannot
+    write its journal (replies.sweep_once), so no other process sweeps them."""
+    Message.objects.filter(pk__in=list(ids), status=Message.Status.STREAMING).update(
+        updated=timezone.now()
+    )
+
+
 REPLY_KILLED = "The server stopped before this reply finished."
 
 
@@ -482,24 +505,26 @@ def replies_sweep(*, older_than: timedelta | None = None, exclude_ids=()) -> int
     """Mark streaming rows nobody is generating any more `interrupted`.
 
     1. Workers that died (chat.journal: their lock is free): their rows get the
-       journalled text.
-    2. Rows that no live worker's journal has and that have not changed for
-       `older_than` (CHAT_STALE_SECONDS): a worker that died before its first
-       journal write, or a server of an older version. `exclude_ids` (the
-       caller's own replies) are kept.
+       journalled text (and the journalled end of a failed final save).
+    2. Rows in no worker's journal (dead workers' included: theirs are step 1's,
+       also when one dies meanwhile) that have not changed for `older_than`
+       (CHAT_STALE_SECONDS, from the row's insert or a touch): a worker that
+       died before its first journal write, or a server of an older version.
+       `exclude_ids` (the caller's own replies) are kept.
 
     Its file work runs on the database thread: a directory listing, and reading
     logs only when a worker died or stale rows need checking.
     """
     root = journal.journal_root()
     swept = 0
-    for dead in journal.claim_dead(root):
-        try:
-            swept += _replies_recover(dead.texts)
-        except Exception:
+    dead_workers = journal.claim_dead(root)
+    try:
+        while dead_workers:
+            swept += _replies_recover(dead_workers[0])
+            dead_workers.pop(0).remove()
+    finally:
+        for dead in dead_workers:  # not stored: the next sweep tries again
             dead.release()
-            raise
-        dead.remove()
     if older_than is None:
         older_than = timedelta(seconds=settings.CHAT_STALE_SECONDS)
     stale = Message.objects.streaming().filter(updated__lt=timezone.now() - older_than)
@@ -513,21 +538,26 @@ def replies_sweep(*, older_than: timedelta | None = None, exclude_ids=()) -> int
     )
 
 
-def _replies_recover(texts: dict[int, str]) -> int:
-    """Store a dead worker's journalled texts in their rows, which end
-    `interrupted`; rows that have ended meanwhile keep their final save."""
+def _replies_recover(dead: journal.DeadWorker) -> int:
+    """Store a dead worker's journalled replies in their rows. A reply whose
+    final save had failed gets the end it had (its status, usage, timings);
+    the others end `interrupted`. Rows that have ended meanwhile keep theirs."""
     recovered = 0
+    streaming = {"status": Message.Status.STREAMING}
     with transaction.atomic():
-        for message_id, text in texts.items():
-            fields = {
-                "status": Message.Status.INTERRUPTED,
-                "error": REPLY_KILLED,
-                "updated": timezone.now(),
-            }
-            if text:
-                fields["content"] = clean_text(text)
-            rows = Message.objects.filter(pk=message_id, status=Message.Status.STREAMING)
-            recovered += rows.update(**fields)
+        for message_id, text in dead.texts.items():
+            final = dead.finals.get(message_id)
+            if final is not None:
+                fields = _final_fields(content=text, **final)
+            else:
+                fields = {
+                    "status": Message.Status.INTERRUPTED,
+                    "error": REPLY_KILLED,
+                    "updated": timezone.now(),
+                }
+                if text:
+                    fields["content"] = clean_text(text)
+            recovered += _row_update(Message, message_id, fields, only_if=streaming)
     return recovered
 
 

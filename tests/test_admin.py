@@ -10,6 +10,7 @@ import pytest
 from django.urls import reverse
 
 from chat import services
+from chat.journal import SET, Journal, journal_root, record
 from chat.models import Message
 
 pytestmark = pytest.mark.django_db
@@ -108,3 +109,17 @@ def test_export_csv_neutralises_formulas(admin_client, reply):
     rows = list(csv.DictReader(io.StringIO(response.content.decode())))
     assert rows[0]["content"] == "'=HYPERLINK(1)"
     assert rows[1]["ttft_ms"] == "150"
+
+
+def test_a_running_replys_text_is_shown_from_the_journal(admin_client, user):
+    conversation = services.conversation_create(owner=user, model="fake")
+    _, running = services.message_send(conversation=conversation, content="q", model="fake")
+    own = Journal(journal_root())
+    try:
+        assert own.write(record(SET, running.pk, b"half <i>way</i>"))
+        change = admin_client.get(reverse("admin:chat_message_change", args=[running.pk]))
+        assert "half &lt;i&gt;way&lt;/i&gt;" in change.content.decode()
+        inline = admin_client.get(reverse("admin:chat_conversation_change", args=[conversation.pk]))
+        assert "half &lt;i&gt;way&lt;/i&gt;" in inline.content.decode()
+    finally:
+        own.close(clean=True)

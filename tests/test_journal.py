@@ -36,14 +36,17 @@ def _streaming_reply(conversation) -> Message:
 class Worker:
     """A journal in another process; `die()` ends it the way kill -9 does."""
 
-    def __init__(self, root: Path, texts: dict[int, str]):
+    def __init__(self, root: Path, texts: dict[int, str], finals: dict[int, dict] | None = None):
         code = textwrap.dedent(
             f"""
-            import os, sys
+            import json, os, sys
             from pathlib import Path
-            from chat.journal import SET, Journal, record
+            from chat.journal import FINAL, SET, Journal, record
             j = Journal(Path({str(root)!r}))
             assert j.write(b"".join(record(SET, i, t.encode()) for i, t in {texts!r}.items()))
+            ends = {finals or {}!r}
+            finals = [record(FINAL, i, json.dumps(e).encode()) for i, e in ends.items()]
+            assert j.write(b"".join(finals))
             print(j.worker, flush=True)
             sys.stdin.readline()
             os._exit(0)  # no atexit: nothing is cleaned up, as after kill -9
@@ -80,7 +83,7 @@ def test_records_are_read_back_incrementally_in_whole_characters(tmp_path):
     assert reader.read() == "!"
     state = LogState(own.log_path)
     state.feed()
-    assert (state.texts, state.ended) == ({7: bytearray("héllo 🙂!".encode())}, {8})
+    assert state.texts == {7: bytearray("héllo 🙂!".encode())}  # 8 has ended
     assert own.write(record(END, 7, b""))
     assert reader.read() == ""
     own.close(clean=True)
@@ -92,7 +95,7 @@ def test_a_rotated_log_keeps_only_the_running_replies_and_readers_follow_it(tmp_
     own.write(record(SET, 1, b"one ") + record(SET, 2, b"gone"))
     reader = TextReader(tmp_path, 1)
     assert reader.read() == "one "
-    assert own.rotate({1: b"one two "})
+    assert own.rotate(record(SET, 1, b"one two "))
     assert own.write(record(ADD, 1, b"three"))
     assert reader.read() == "two three"  # a new file at the path: read from its start
     state = LogState(own.log_path)
@@ -101,19 +104,22 @@ def test_a_rotated_log_keeps_only_the_running_replies_and_readers_follow_it(tmp_
     assert own.size == own.log_path.stat().st_size
 
 
-def test_garbage_in_a_log_stops_its_reading_there(tmp_path):
+@pytest.mark.parametrize(
+    "garbage", [b"not a record\n", b"+ 1 -5\nxx\n", b"? 1 2\nxx\n", b"! 1 2\n{{\n"]
+)
+def test_garbage_in_a_log_stops_its_reading_there(tmp_path, garbage):
     path = tmp_path / "w.log"
-    path.write_bytes(record(SET, 1, b"kept") + b"not a record\n" + record(ADD, 1, b"lost"))
+    path.write_bytes(record(SET, 1, b"kept") + garbage + record(ADD, 1, b"lost"))
     state = LogState(path)
     state.feed()
-    assert state.texts == {1: bytearray(b"kept")}
+    assert (state.texts, state.finals) == ({1: bytearray(b"kept")}, {})
 
 
 def test_an_unwritable_journal_says_so(tmp_path):
     (tmp_path / "file").write_text("")
     own = Journal(tmp_path / "file" / "journal")  # its parent is a file
     assert not own.write(record(SET, 1, b"a"))
-    assert not own.rotate({1: b"a"})
+    assert not own.rotate(record(SET, 1, b"a"))
 
 
 def test_a_failed_append_leaves_no_torn_record(tmp_path, monkeypatch):
@@ -139,11 +145,14 @@ def test_a_live_workers_replies_are_live_and_a_dead_ones_are_claimed(tmp_path):
     dead = Worker(tmp_path, {2: "dead text", 3: ""})
     dead.die()
     try:
-        assert journal.live_ids(tmp_path) == {1}
+        # A dead worker's replies still count until a sweep has stored them: a row
+        # must not be marked from its age while its text is still in a log.
+        assert journal.live_ids(tmp_path) == {1, 2, 3}
         claimed = journal.claim_dead(tmp_path)
         assert [(w.worker, w.texts) for w in claimed] == [(dead.name, {2: "dead text", 3: ""})]
         assert journal.claim_dead(tmp_path) == []  # held by this process until removed
         claimed[0].remove()
+        assert journal.live_ids(tmp_path) == {1}
         names = sorted(p.name for p in tmp_path.iterdir())
         assert names == [f"{alive.name}.lock", f"{alive.name}.log"]
     finally:
@@ -200,3 +209,42 @@ def test_a_worker_that_exits_with_a_reply_left_leaves_it_to_the_sweep(tmp_path):
     assert left.texts == {5: "unsaved"}
     left.remove()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_dead_workers_failed_final_save_is_stored_with_its_end(conversation):
+    reply = _streaming_reply(conversation)
+    end = {"status": "complete", "finish_reason": "stop", "completion_tokens": 3, "ttft_ms": 9}
+    Worker(journal.journal_root(), {reply.pk: "all of it"}, {reply.pk: end}).die()
+    assert services.replies_sweep() == 1
+    row = Message.objects.get(pk=reply.pk)
+    assert (row.status, row.content, row.finish_reason, row.error) == (
+        "complete",
+        "all of it",
+        "stop",
+        "",
+    )
+    assert (row.completion_tokens, row.ttft_ms) == (3, 9)
+
+
+def test_a_failed_recovery_leaves_every_dead_worker_to_the_next_sweep(
+    conversation, settings, monkeypatch
+):
+    settings.CHAT_MAX_CONCURRENT_REPLIES = 10
+    first, second = _streaming_reply(conversation), _streaming_reply(conversation)
+    root = journal.journal_root()
+    Worker(root, {first.pk: "one"}).die()
+    Worker(root, {second.pk: "two"}).die()
+    recover = services._replies_recover
+
+    def busy_once(dead):
+        monkeypatch.setattr(services, "_replies_recover", recover)
+        raise services.OperationalError("database is locked")
+
+    monkeypatch.setattr(services, "_replies_recover", busy_once)
+    with pytest.raises(services.OperationalError):
+        services.replies_sweep()
+    assert services.replies_sweep() == 2  # neither lock was kept
+    assert {m.content for m in Message.objects.filter(pk__in=[first.pk, second.pk])} == {
+        "one",
+        "two",
+    }

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from django.utils import timezone
 
 from chat import journal, replies, services
 from chat.db import run_db
@@ -172,11 +174,15 @@ async def test_a_reply_whose_final_save_failed_is_saved_by_the_sweep(
     async for name, _data in events:
         if name == "end":
             break
-    for _ in range(100):  # meanwhile its whole text is journalled, in case we die
-        if text_so_far(reply_id) == "all of it":
+    writer = replies.checkpoint_writer()
+    for _ in range(100):  # meanwhile its whole text and its end are journalled
+        if text_so_far(reply_id) == "all of it" and not writer.pending:
             break
         await asyncio.sleep(0.02)
-    assert text_so_far(reply_id) == "all of it"
+    state = LogState(writer.journal.log_path)
+    state.feed()
+    assert state.texts[reply_id] == b"all of it"
+    assert state.finals[reply_id]["status"] == "complete"
     assert (await Message.objects.aget(pk=reply_id)).status == Message.Status.STREAMING
     assert await replies.sweep_once() == 1
     row = await Message.objects.aget(pk=reply_id)
@@ -186,6 +192,56 @@ async def test_a_reply_whose_final_save_failed_is_saved_by_the_sweep(
         "stop",
     )
     assert await replies.sweep_once() == 0
+    await asyncio.sleep(0.1)  # the next batch ends it in the journal
+    assert reply_id not in writer.live and reply_id not in live_ids(journal_root())
+
+
+async def test_a_final_save_retried_before_its_text_was_journalled_leaves_the_journal(
+    user, scripted, asgi_login, monkeypatch, settings
+):
+    settings.CHAT_CHECKPOINT_SECONDS = 0.05
+    finish = services.reply_finish
+    calls = []
+
+    def failing_once(**kwargs):
+        calls.append(kwargs)
+        if len(calls) == 1:
+            raise services.OperationalError("disk I/O error")
+        return finish(**kwargs)
+
+    monkeypatch.setattr(services, "reply_finish", failing_once)
+    stream = await _send(await asgi_login(user))
+    events = stream.events()
+    _, start = await anext(events)
+    await scripted.script.put("text")
+    await scripted.script.put(None)
+    async for name, _data in events:
+        if name == "end":
+            break
+    writer = replies.checkpoint_writer()
+    assert start["assistant_message"] in writer.pending  # not journalled yet
+    assert await replies.sweep_once() == 1
+    await asyncio.sleep(0.1)
+    assert writer.live == {} and writer.pending == {}
+
+
+async def test_replies_are_touched_while_the_journal_cannot_be_written(
+    user, scripted, asgi_login, settings
+):
+    settings.CHAT_CHECKPOINT_SECONDS = 0.05
+    stream = await _send(await asgi_login(user))
+    _, start = await anext(stream.events())
+    reply_id = start["assistant_message"]
+    await Message.objects.filter(pk=reply_id).aupdate(updated=timezone.now() - timedelta(hours=1))
+    writer = replies.checkpoint_writer()
+    writer.failing = True  # as after a failed rotation: the reply is in no log
+    assert await replies.sweep_once() == 0
+    row = await Message.objects.aget(pk=reply_id)
+    assert row.status == Message.Status.STREAMING
+    assert row.updated > timezone.now() - timedelta(minutes=1)
+    writer.failing = False
+    await scripted.script.put(None)
+    await _wait_finished(reply_id)
 
 
 async def test_stop_closes_upstream_and_keeps_text(user, scripted, asgi_login, monkeypatch):

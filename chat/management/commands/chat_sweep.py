@@ -6,13 +6,19 @@ from chat import services
 
 
 class Command(BaseCommand):
-    help = "Mark replies left at 'streaming' by a stopped server process as 'interrupted'."
+    help = (
+        "Store the journalled text of replies whose server process died, and mark "
+        "'streaming' rows that no process runs any more 'interrupted'."
+    )
 
     def add_arguments(self, parser):
         parser.add_argument(
             "--all",
             action="store_true",
-            help="Sweep every streaming row (only when no server process is running).",
+            help=(
+                "Also rows younger than CHAT_STALE_SECONDS (only when no server process "
+                "is running: a reply in its first second is in no journal yet)."
+            ),
         )
 
     def handle(self, *args, all: bool = False, **options):
