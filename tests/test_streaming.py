@@ -150,10 +150,7 @@ async def test_checkpoint_stores_text_while_streaming(user, scripted, asgi_login
     assert reply_id not in live_ids(journal_root())
 
 
-async def test_a_reply_whose_final_save_failed_is_saved_by_the_sweep(
-    user, scripted, asgi_login, monkeypatch, settings
-):
-    settings.CHAT_CHECKPOINT_SECONDS = 0.05
+def _final_save_fails_once(monkeypatch) -> None:
     finish = services.reply_finish
     calls = []
 
@@ -164,6 +161,13 @@ async def test_a_reply_whose_final_save_failed_is_saved_by_the_sweep(
         return finish(**kwargs)
 
     monkeypatch.setattr(services, "reply_finish", failing_once)
+
+
+async def test_a_reply_whose_final_save_failed_is_saved_by_the_sweep(
+    user, scripted, asgi_login, monkeypatch, settings
+):
+    settings.CHAT_CHECKPOINT_SECONDS = 0.05
+    _final_save_fails_once(monkeypatch)
     stream = await _send(await asgi_login(user))
     events = stream.events()
     _, start = await anext(events)
@@ -200,16 +204,7 @@ async def test_a_final_save_retried_before_its_text_was_journalled_leaves_the_jo
     user, scripted, asgi_login, monkeypatch, settings
 ):
     settings.CHAT_CHECKPOINT_SECONDS = 0.05
-    finish = services.reply_finish
-    calls = []
-
-    def failing_once(**kwargs):
-        calls.append(kwargs)
-        if len(calls) == 1:
-            raise services.OperationalError("disk I/O error")
-        return finish(**kwargs)
-
-    monkeypatch.setattr(services, "reply_finish", failing_once)
+    _final_save_fails_once(monkeypatch)
     stream = await _send(await asgi_login(user))
     events = stream.events()
     _, start = await anext(events)
