@@ -190,7 +190,6 @@ class Reply:
         usage: dict = {}
         end = ReplyEnd(status=Message.Status.COMPLETE)
         checkpoints = checkpoint_writer()
-        self.unsaved = True
         checkpoints.add(self)  # in the journal before any text: see CheckpointWriter
         stream = self.provider.stream(self.messages, self.params)
         try:
@@ -202,8 +201,7 @@ class Reply:
                         ttft_ms = int((time.monotonic() - started) * 1000)
                     self.parts.append(delta.text)
                     self._publish(delta.text)
-                    if not self.unsaved:
-                        self.unsaved = True
+                    if not self.unsaved:  # once per batch, not per token
                         checkpoints.add(self)
                 if delta.finish_reason:
                     end.finish_reason = delta.finish_reason
@@ -292,6 +290,7 @@ class CheckpointWriter:
         atexit.register(self.close)
 
     def add(self, reply: Reply) -> None:
+        reply.unsaved = True
         self.pending[reply.message_id] = reply
         self._arm()
 
@@ -302,7 +301,6 @@ class CheckpointWriter:
         """The reply's final save failed: journal all its text and its end."""
         self.unfinished[reply.message_id] = final
         self._finals_due.append(reply.message_id)
-        reply.unsaved = True
         self.add(reply)
 
     def finished(self, message_id: int) -> None:

@@ -352,8 +352,8 @@ def _row_update(model, pk: int, values: dict, only_if: dict | None = None) -> in
     how many rows changed.
 
     What `filter(...).update(...)` does, minus its per-call query building, which
-    cost more than the database's work: checkpoints and final saves run for
-    every reply, on the one database thread every request shares.
+    cost more than the database's work: final saves run for every reply, on the
+    one database thread every request shares.
     """
     db = connections[DEFAULT_DB_ALIAS]
     only_if = only_if or {}

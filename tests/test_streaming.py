@@ -35,6 +35,12 @@ async def _send(cookie: str, content: str = "hello", model: str = "scripted", pa
     return stream
 
 
+async def _until_end(events) -> None:
+    async for name, _data in events:
+        if name == "end":
+            return
+
+
 async def _count_writes(monkeypatch) -> dict:
     counts = {"checkpoint": 0, "finish": 0}
     record, finish = replies.record, services.reply_finish
@@ -114,9 +120,7 @@ async def test_long_reply_writes_a_bounded_number_of_checkpoints(
         if i % 200 == 0:
             await asyncio.sleep(0.1)
     await scripted.script.put(None)
-    async for name, _data in events:
-        if name == "end":
-            break
+    await _until_end(events)
     reply = await _wait_finished(start["assistant_message"])
     assert reply.content == "".join(f"t{i} " for i in range(2000))
     assert writes["finish"] == 1
@@ -175,9 +179,7 @@ async def test_a_reply_whose_final_save_failed_is_saved_by_the_sweep(
     await scripted.script.put("all of it")
     await scripted.script.put(Delta(finish_reason="stop"))
     await scripted.script.put(None)
-    async for name, _data in events:
-        if name == "end":
-            break
+    await _until_end(events)
     writer = replies.checkpoint_writer()
     for _ in range(100):  # meanwhile its whole text and its end are journalled
         if text_so_far(reply_id) == "all of it" and not writer.pending:
@@ -210,9 +212,7 @@ async def test_a_final_save_retried_before_its_text_was_journalled_leaves_the_jo
     _, start = await anext(events)
     await scripted.script.put("text")
     await scripted.script.put(None)
-    async for name, _data in events:
-        if name == "end":
-            break
+    await _until_end(events)
     writer = replies.checkpoint_writer()
     assert start["assistant_message"] in writer.pending  # not journalled yet
     assert await replies.sweep_once() == 1
