@@ -13,8 +13,8 @@ from django.http import HttpResponse
 from django.utils import timezone
 
 from .accounts import ThrottledAdminAuthenticationForm
-from .journal import text_so_far
 from .models import Conversation, Message, Preference
+from .services import message_text
 
 admin.site.login_form = ThrottledAdminAuthenticationForm
 admin.site.site_header = "chatsite administration"
@@ -40,6 +40,7 @@ EXPORT_FIELDS = [
 
 def export_rows(messages: QuerySet[Message]) -> Iterator[dict]:
     for m in messages.select_related("conversation__owner").order_by("conversation_id", "id"):
+        content = message_text(m)  # first: a reply that just ended updates its status
         yield {
             "id": m.pk,
             "conversation_id": m.conversation_id,
@@ -55,7 +56,7 @@ def export_rows(messages: QuerySet[Message]) -> Iterator[dict]:
             "duration_ms": m.duration_ms,
             "error": m.error,
             "created": m.created.isoformat(),
-            "content": m.content,
+            "content": content,
         }
 
 
@@ -98,13 +99,6 @@ class ReadOnlyAdmin(admin.ModelAdmin):
         return False
 
 
-def shown_text(message: Message) -> str:
-    """A running reply's row holds no text until it ends: show the journal's."""
-    if message.status == Message.Status.STREAMING:
-        return text_so_far(message.pk)
-    return message.content
-
-
 class MessageInline(admin.TabularInline):
     model = Message
     fields = ["id", "role", "status", "model", "short_content", "completion_tokens", "created"]
@@ -119,7 +113,7 @@ class MessageInline(admin.TabularInline):
 
     @admin.display(description="content")
     def short_content(self, obj: Message) -> str:
-        return shown_text(obj)[:200]
+        return message_text(obj)[:200]
 
 
 @admin.register(Conversation)
@@ -215,7 +209,7 @@ class MessageAdmin(ReadOnlyAdmin):
 
     @admin.display(description="text so far (running reply)")
     def text_so_far(self, obj: Message) -> str:
-        return shown_text(obj) if obj.status == Message.Status.STREAMING else "–"
+        return message_text(obj) if obj.status == Message.Status.STREAMING else "–"
 
     @admin.display(ordering="conversation__owner__username")
     def owner(self, obj: Message):

@@ -840,6 +840,23 @@ def markdown_escape_html(text: str) -> str:
     return "\n".join(lines)
 
 
+def message_text(message: Message) -> str:
+    """What a message says now. A running reply's row holds no text until its final
+    save; its text so far is in its worker's journal. If the journal has none, the
+    reply may have just ended: the message is then read again, whole (status, end
+    fields and text), so what is shown stays consistent."""
+    if message.status != Message.Status.STREAMING:
+        return message.content
+    text = journal.text_so_far(message.pk)
+    if not text:
+        try:
+            message.refresh_from_db()
+        except Message.DoesNotExist:
+            return ""
+        text = message.content
+    return text
+
+
 def conversation_export_markdown(conversation: Conversation) -> str:
     """The path the user is looking at, as Markdown with no live HTML in it."""
     title = markdown_escape_html(" ".join(conversation.display_title.split()))
@@ -849,8 +866,8 @@ def conversation_export_markdown(conversation: Conversation) -> str:
         parts += ["", "## System prompt", "", prompt]
     for message in conversation_path(conversation):
         heading = "User" if message.role == Message.Role.USER else message.role.capitalize()
-        parts += ["", f"## {heading}", "", markdown_escape_html(message.content)]
-        if message.status not in {Message.Status.COMPLETE, Message.Status.STREAMING}:
+        parts += ["", f"## {heading}", "", markdown_escape_html(message_text(message))]
+        if message.status != Message.Status.COMPLETE:  # streaming: still being written
             parts += ["", f"*({message.status})*"]
     return "\n".join(parts) + "\n"
 
@@ -873,14 +890,17 @@ MESSAGE_EXPORT_FIELDS = [
 
 def conversation_export_data(conversation: Conversation) -> dict:
     """Everything about the conversation, every version of every message included."""
-    messages = [
-        {
-            **{name: getattr(m, name) for name in MESSAGE_EXPORT_FIELDS},
-            "created": m.created.isoformat(),
-            "updated": m.updated.isoformat(),
-        }
-        for m in conversation.messages.order_by("id")
-    ]
+    messages = []
+    for m in conversation.messages.order_by("id"):
+        content = message_text(m)  # first: a reply that just ended updates its status
+        messages.append(
+            {
+                **{name: getattr(m, name) for name in MESSAGE_EXPORT_FIELDS},
+                "content": content,
+                "created": m.created.isoformat(),
+                "updated": m.updated.isoformat(),
+            }
+        )
     return {
         "id": conversation.pk,
         "title": conversation.title,

@@ -121,5 +121,11 @@ def test_a_running_replys_text_is_shown_from_the_journal(admin_client, user):
         assert "half &lt;i&gt;way&lt;/i&gt;" in change.content.decode()
         inline = admin_client.get(reverse("admin:chat_conversation_change", args=[conversation.pk]))
         assert "half &lt;i&gt;way&lt;/i&gt;" in inline.content.decode()
+        export = admin_client.post(
+            reverse("admin:chat_message_changelist"),
+            {"action": "export_jsonl", "_selected_action": [running.pk]},
+        )
+        row = json.loads(export.content.decode())
+        assert (row["status"], row["content"]) == ("streaming", "half <i>way</i>")
     finally:
         own.close(clean=True)

@@ -8,6 +8,7 @@ from django.db import OperationalError
 from django.utils import timezone
 
 from chat import services
+from chat.journal import SET, Journal, journal_root, record
 from chat.models import Conversation, Message
 from chat.text import clean_text
 from tests.conftest import AsgiStream
@@ -388,6 +389,33 @@ def test_json_export_holds_every_version_with_metadata(conversation):
     assert len(data["current_path"]) == 2
     assert set(services.MESSAGE_EXPORT_FIELDS) <= set(data["messages"][0])
     assert data["messages"][1]["parent_id"] == data["messages"][0]["id"]
+
+
+def test_exports_show_a_running_replys_text_from_the_journal(conversation):
+    _, running = services.message_send(conversation=conversation, content="q", model="fake")
+    conversation.refresh_from_db()
+    own = Journal(journal_root())
+    try:
+        assert own.write(record(SET, running.pk, b"half <i>way</i>"))
+        markdown = services.conversation_export_markdown(conversation)
+        assert "half &lt;i>way&lt;/i>\n\n*(streaming)*" in markdown
+        data = services.conversation_export_data(conversation)
+        assert data["messages"][-1]["content"] == "half <i>way</i>"
+        assert data["messages"][-1]["status"] == "streaming"
+    finally:
+        own.close(clean=True)
+
+
+def test_an_export_of_a_reply_that_just_ended_reads_its_row_again(conversation):
+    # Read as running, but gone from the journal by the time its text is looked up:
+    # it ended in between, and the export shows its saved end, status and text alike.
+    _, running = services.message_send(conversation=conversation, content="q", model="fake")
+    stale = Message.objects.get(pk=running.pk)
+    services.reply_finish(
+        message_id=running.pk, content="all of it", status="complete", finish_reason="stop"
+    )
+    assert services.message_text(stale) == "all of it"
+    assert stale.status == "complete" and stale.finish_reason == "stop"
 
 
 async def _drain(stream) -> list[tuple[str, dict]]:
