@@ -422,6 +422,12 @@ def reply_get(message_id: int) -> Reply | None:
     return _running.get(message_id)
 
 
+def reply_unsaved_end(message_id: int) -> dict | None:
+    """The end of a reply of this process that has ended but whose final save
+    failed: the sweep saves it (sweep_once). None for any other reply."""
+    return checkpoint_writer().unfinished.get(message_id)
+
+
 def reply_stop(message_id: int) -> bool:
     """Stop a reply generating in this process; False if it is not running here."""
     reply = _running.get(message_id)
@@ -563,6 +569,17 @@ async def reply_follow(message: Message) -> AsyncIterator[str | ReplyEnd | objec
     reply running in another process it follows the journal (and the row, for its end).
     """
     reply = _running.get(message.pk)
+    unsaved = reply_unsaved_end(message.pk) if reply is None else None
+    if unsaved is not None:  # it has ended here; its row waits for the sweep
+        yield unsaved["content"]
+        yield ReplyEnd(
+            status=unsaved["status"],
+            error=unsaved["error"],
+            finish_reason=unsaved["finish_reason"],
+            prompt_tokens=unsaved["prompt_tokens"],
+            completion_tokens=unsaved["completion_tokens"],
+        )
+        return
     if reply is None:
         async for item in _follow_row(message.pk):
             yield item

@@ -286,6 +286,9 @@ async def reply_stop(request: HttpRequest, pk: int, message_id: int) -> HttpResp
         reply.stop()
         end = await reply.wait()
         return JsonResponse({"status": end.status})
+    unsaved = replies.reply_unsaved_end(message.pk)
+    if unsaved is not None:  # it has ended here; its row waits for the sweep
+        return JsonResponse({"status": unsaved["status"]})
     if message.status == Message.Status.STREAMING and await replies.reply_stop_anywhere(message.pk):
         # Generating in another worker: wait for its final save.
         for _ in range(50):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from datetime import timedelta
 from pathlib import Path
@@ -172,7 +173,8 @@ async def test_a_reply_whose_final_save_failed_is_saved_by_the_sweep(
 ):
     settings.CHAT_CHECKPOINT_SECONDS = 0.05
     _final_save_fails_once(monkeypatch)
-    stream = await _send(await asgi_login(user))
+    cookie = await asgi_login(user)
+    stream = await _send(cookie)
     events = stream.events()
     _, start = await anext(events)
     reply_id = start["assistant_message"]
@@ -180,6 +182,17 @@ async def test_a_reply_whose_final_save_failed_is_saved_by_the_sweep(
     await scripted.script.put(Delta(finish_reason="stop"))
     await scripted.script.put(None)
     await _until_end(events)
+    # Stop, meanwhile, tells the reply's true end, not that it cannot be reached.
+    stop = AsgiStream("POST", f"/c/{start['conversation']}/m/{reply_id}/stop/", cookie=cookie)
+    assert await stop.start() == 200
+    assert json.loads(await stop.chunk()) == {"status": "complete"}
+    # A reloaded page gets its whole text and its end at once, not the row's "streaming".
+    follow = AsgiStream("GET", f"/c/{start['conversation']}/m/{reply_id}/stream/", cookie=cookie)
+    assert await follow.start() == 200
+    assert [event async for event in follow.events()] == [
+        ("snapshot", {"t": "all of it"}),
+        ("end", {"status": "complete", "error": "", "finish_reason": "stop"}),
+    ]
     writer = replies.checkpoint_writer()
     for _ in range(100):  # meanwhile its whole text and its end are journalled
         if text_so_far(reply_id) == "all of it" and not writer.pending:
