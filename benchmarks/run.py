@@ -798,7 +798,8 @@ def verdicts(results: dict, a) -> list[tuple[str, bool | None, str]]:
                     "native harness)",
                     ratio >= 1.8 and one["errors"] == 0 and two["errors"] == 0,
                     f"{two['tokens_per_s']} vs {one['tokens_per_s']} tok/s ({ratio:.2f}x); "
-                    f"cores used: {_cores(one)} against {_cores(two)}",
+                    f"cores used: {_cores(one)} against {_cores(two)}; ceiling for a server "
+                    f"that scales perfectly here: {scaling_ceiling(one, two) or 0:.2f}x",
                 )
             )
     dis = results["disconnect"].get("chatsite-1", {})
@@ -840,6 +841,31 @@ def _cores(summary: dict) -> str:
     """Each server process's CPU over the level, in cores."""
     each = summary.get("server_cpu_s_each") or {}
     return " + ".join(f"{v / summary['elapsed_s']:.2f}" for v in each.values()) or "–"
+
+
+def harness_cpu_us_per_token(*runs: dict) -> float:
+    """The load generator's and the upstream's CPU per token together, the lowest of `runs`."""
+    return min(
+        (r.get("loadgen_cpu_us_per_token") or 0) + (r.get("fake_cpu_us_per_token") or 0)
+        for r in runs
+    )
+
+
+def scaling_ceiling(one: dict, two: dict) -> float | None:
+    """Two processes against one for a server that scales perfectly, on this machine.
+
+    One process alone: T1 = (cores it used) / c1, with c1 its CPU per token and the
+    harness on the other core. Two processes share both cores with the harness, which
+    costs h per token: even if each spent only c1 per token, T2 <= 2 / (c1 + h). h is
+    the lower of the harness's costs in the two runs (fewer tokens per frame cost it
+    more), so the ceiling errs high.
+    """
+    c1 = one.get("server_cpu_us_per_token")
+    h = harness_cpu_us_per_token(one, two)
+    cores1 = sum((one.get("server_cpu_s_each") or {}).values()) / (one.get("elapsed_s") or 1)
+    if not c1 or not cores1:
+        return None
+    return 2 * c1 / (cores1 * (c1 + h))
 
 
 def verdict_text(results, a) -> str:
@@ -1124,6 +1150,20 @@ def scaling_lines(results: dict) -> list[str]:
         ]
         for label, fn in SCALING_ROWS:
             out.append(f"| {label} | " + " | ".join(fn(lv[t]) for t in names) + " |")
+        one, two = lv.get("chatsite-1"), lv.get("chatsite-2")
+        ceiling = scaling_ceiling(one, two) if one and two else None
+        if ceiling:
+            c1 = one["server_cpu_us_per_token"]
+            h = harness_cpu_us_per_token(one, two)
+            out += [
+                "",
+                f"The ceiling on this machine: one daphne spends {c1:g} µs of CPU a token "
+                "with the harness on the other core; two share both cores with the "
+                f"harness, which costs at least {h:.1f} µs a token. Even a server whose "
+                "per-token cost did not rise at all with a second process would reach "
+                f"2 × {c1:g} / ({_cores(one)} × ({c1:g} + {h:.1f})) = **{ceiling:.2f}x**; "
+                f"measured: {two['tokens_per_s'] / one['tokens_per_s']:.2f}x.",
+            ]
     return out
 
 
