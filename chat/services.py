@@ -202,12 +202,7 @@ def conversation_start(
     conversation = Conversation(
         owner=owner, model=model, title=clean_text(title_fallback(content))[:200], **chat_settings
     )
-    with transaction.atomic():
-        conversation.pk = _row_insert(conversation)  # nobody can send into it before this commits
-        user_message = _user_message_insert(conversation, None, content)
-        assistant = _reply_row_create(
-            conversation=conversation, parent_id=user_message.pk, model=model
-        )
+    (user_message,), assistant = _conversation_insert(conversation, [("user", content)], model)
     return conversation, user_message, assistant
 
 
@@ -273,16 +268,125 @@ def api_conversation_create(
         max_tokens=max_tokens,
         temperature=temperature,
     )
+    _, assistant = _conversation_insert(conversation, turns, model)
+    return conversation, assistant
+
+
+def _conversation_insert(
+    conversation: Conversation, turns: list[tuple[str, str]], model: str
+) -> tuple[list[Message], Message]:
+    """A new conversation, its messages (`turns`: role and content, each the parent of
+    the next) and the reply's streaming row after them, the current leaf. All or
+    nothing: nobody can send into the conversation before it is there whole."""
+    if connections[DEFAULT_DB_ALIAS].vendor == "postgresql":
+        return _conversation_insert_pg(conversation, turns, model)
     with transaction.atomic():
         conversation.pk = _row_insert(conversation)
-        parent_id = None
+        messages, parent_id = [], None
         for role, content in turns:
             message = Message(
-                conversation_id=conversation.pk, parent_id=parent_id, role=role, content=content
+                conversation=conversation, parent_id=parent_id, role=role, content=content
             )
-            parent_id = _row_insert(message)
+            message.pk = parent_id = _row_insert(message)
+            messages.append(message)
         assistant = _reply_row_create(conversation=conversation, parent_id=parent_id, model=model)
-    return conversation, assistant
+    return messages, assistant
+
+
+_PG_SEQUENCES: dict[str, str] = {}
+
+
+def _conversation_insert_pg(
+    conversation: Conversation, turns: list[tuple[str, str]], model: str
+) -> tuple[list[Message], Message]:
+    """_conversation_insert on PostgreSQL: one statement, one round trip, where the
+    generic way takes six (BEGIN, an INSERT a row, the current leaf's UPDATE, COMMIT),
+    each a wait on the one database thread before the first token. The ids come from
+    the tables' sequences inside the statement, so the conversation names its current
+    leaf as it goes in; the foreign keys between the new rows are checked at its end
+    (Django makes them DEFERRABLE INITIALLY DEFERRED). One statement is one
+    transaction: all or nothing, as the generic way."""
+    db = connections[DEFAULT_DB_ALIAS]
+    assistant = Message(
+        conversation=conversation,
+        role=Message.Role.ASSISTANT,
+        status=Message.Status.STREAMING,
+        model=model,
+    )
+    messages = [Message(conversation=conversation, role=r, content=c) for r, c in turns]
+    rows = [*messages, assistant]
+    conversation.model = model
+    sql, params = _pg_start_sql(db, conversation, rows)
+    with db.cursor() as cursor:
+        cursor.execute(sql, params)
+        conversation.pk, ids = cursor.fetchone()
+    conversation._state.adding, conversation._state.db = False, db.alias
+    parent_id = None
+    for row, pk in zip(rows, ids, strict=True):
+        row.pk, row.conversation_id, row.parent_id = pk, conversation.pk, parent_id
+        row._state.adding, row._state.db = False, db.alias
+        parent_id = pk
+    conversation.current_leaf = assistant
+    if settings.CHAT_MAX_REPLIES_PER_HOUR:
+        _count_reply(conversation.owner_id)
+    return messages, assistant
+
+
+def _pg_start_sql(db, conversation: Conversation, rows: list[Message]) -> tuple[str, list]:
+    """The statement of _conversation_insert_pg and its parameters, in their order."""
+    quote = db.ops.quote_name
+    params: list = []
+
+    def sequence(model) -> str:
+        table = model._meta.db_table
+        if table not in _PG_SEQUENCES:
+            with db.cursor() as cursor:
+                cursor.execute("SELECT pg_get_serial_sequence(%s, %s)", [quote(table), "id"])
+                _PG_SEQUENCES[table] = cursor.fetchone()[0]
+        return _PG_SEQUENCES[table]
+
+    def select(obj, drawn: dict[str, str]) -> str:
+        """`SELECT <obj's values> FROM ids`: the drawn ids as SQL, the rest as typed
+        parameters (a bare NULL or string would be typed text in a UNION)."""
+        now = timezone.now()
+        values = []
+        for field in obj._meta.concrete_fields:
+            if field.attname in drawn:
+                values.append(drawn[field.attname])
+                continue
+            if getattr(field, "auto_now", False) or getattr(field, "auto_now_add", False):
+                setattr(obj, field.attname, now)
+            params.append(_db_value(field, getattr(obj, field.attname), db))
+            values.append("%s::" + re.sub(r"\(\d+\)", "", field.db_type(db)))
+        return f"SELECT {', '.join(values)} FROM ids"
+
+    def columns(model) -> str:
+        return ", ".join(quote(f.column) for f in model._meta.concrete_fields)
+
+    params += [sequence(Conversation), sequence(Message), len(rows)]
+    head = (
+        "WITH ids AS (SELECT nextval(%s::regclass) AS c, ARRAY(SELECT nextval(%s::regclass) "
+        "FROM generate_series(1, %s) ORDER BY 1) AS m)"
+    )
+    conv = select(conversation, {"id": "ids.c", "current_leaf_id": f"ids.m[{len(rows)}]"})
+    messages = " UNION ALL ".join(
+        select(
+            row,
+            {
+                "id": f"ids.m[{i}]",
+                "conversation_id": "ids.c",
+                "parent_id": f"ids.m[{i - 1}]" if i > 1 else "NULL::bigint",
+            },
+        )
+        for i, row in enumerate(rows, 1)
+    )
+    sql = (
+        f"{head}, conversation AS (INSERT INTO {quote(Conversation._meta.db_table)} "
+        f"({columns(Conversation)}) {conv}), "
+        f"messages AS (INSERT INTO {quote(Message._meta.db_table)} ({columns(Message)}) "
+        f"{messages}) SELECT ids.c, ids.m FROM ids"
+    )
+    return sql, params
 
 
 _INSERT_SQL: dict[tuple, str] = {}

@@ -4,7 +4,7 @@ import asyncio
 from datetime import timedelta
 
 import pytest
-from django.db import OperationalError
+from django.db import IntegrityError, OperationalError, connection
 from django.utils import timezone
 
 from chat import services
@@ -485,6 +485,48 @@ def test_new_chat_is_all_or_nothing(user, settings):
         services.conversation_start(owner=user, model="fake", content="hi", chat_settings={})
     assert not Conversation.objects.exists()
     assert not Message.objects.exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_new_conversation_that_cannot_be_stored_leaves_nothing(user):
+    # The owner's row is gone: the foreign key fails when the rows are committed.
+    key, _ = services.api_key_create(owner=user, name="script")
+    ghost = services.ApiKey(id=key.pk, name="script", owner_id=user.pk + 1000)
+    with pytest.raises(IntegrityError):
+        services.api_conversation_create(
+            key=ghost,
+            model="fake",
+            messages=[("user", "a"), ("assistant", "b"), ("user", "c")],
+            max_tokens=None,
+            temperature=None,
+        )
+    assert not Conversation.objects.exists()
+    assert not Message.objects.exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_new_conversation_is_one_statement_on_postgresql(user):
+    if connection.vendor != "postgresql":
+        pytest.skip("PostgreSQL's path (SQLite has no round trip to save)")
+    statements = []
+
+    def counting(execute, sql, params, many, context):
+        statements.append(sql)
+        return execute(sql, params, many, context)
+
+    services.conversation_start(owner=user, model="fake", content="warm", chat_settings={})
+    with connection.execute_wrapper(counting):
+        conversation, first, reply = services.conversation_start(
+            owner=user, model="fake", content="hi", chat_settings={"temperature": 0.2}
+        )
+    assert len([sql for sql in statements if "INSERT" in sql]) == 1
+    assert not [sql for sql in statements if sql.lstrip().upper().startswith("UPDATE")]
+    stored = Conversation.objects.get(pk=conversation.pk)
+    assert (stored.current_leaf_id, stored.model, stored.temperature) == (reply.pk, "fake", 0.2)
+    assert [(m.pk, m.parent_id, m.role, m.status) for m in stored.messages.order_by("id")] == [
+        (first.pk, None, "user", "complete"),
+        (reply.pk, first.pk, "assistant", "streaming"),
+    ]
 
 
 @pytest.mark.django_db
