@@ -51,13 +51,38 @@ CONNECTION_CHECK_SECONDS = 1.0
 
 def check_connection(wrapper=connection) -> None:
     """Drop the thread's connection if it is obsolete or broken, at most once a second
-    unless an error occurred on it; never one inside a transaction (as in a test)."""
+    unless an error occurred on it; never one inside a transaction (as in a test).
+
+    One that is open outside any atomic block but not in autocommit mode is dropped at
+    once, whatever the interval: a connect() that failed half-way leaves it so (the
+    driver's connection opened, autocommit not yet switched on; in the tests,
+    pytest-django blocking database access at the end of a test while this thread
+    connects). SQLite's driver then begins a transaction before its first write that
+    nobody commits: the database's write lock stays held while this thread is idle.
+    """
     if wrapper.in_atomic_block:
+        return
+    if _autocommit_lost(wrapper):
+        wrapper.close()
         return
     now = time.monotonic()
     if wrapper.errors_occurred or now >= getattr(wrapper, "chatsite_next_check", 0.0):
         wrapper.close_if_unusable_or_obsolete()
         wrapper.chatsite_next_check = now + CONNECTION_CHECK_SECONDS
+
+
+def _autocommit_lost(wrapper) -> bool:
+    """Whether the connection is open but its driver is not in autocommit mode (outside
+    an atomic block). Django's own flag can be stale: a connect() that failed half-way
+    keeps the previous connection's. A few attribute reads, no query."""
+    raw = wrapper.connection
+    if raw is None or not wrapper.settings_dict["AUTOCOMMIT"]:
+        return False
+    if not wrapper.autocommit:
+        return True
+    if wrapper.vendor == "sqlite":
+        return raw.isolation_level is not None  # None: the driver's autocommit
+    return getattr(raw, "autocommit", True) is False  # psycopg
 
 
 def close_old_connections(**kwargs) -> None:

@@ -167,6 +167,53 @@ async def test_the_connection_is_checked_at_most_once_a_second_unless_a_query_fa
     assert len(checks) == 5  # with no interval, every call checks
 
 
+async def test_a_half_open_connection_is_dropped_before_it_can_hold_the_write_lock():
+    """connect() can fail after the driver's connection is open and before autocommit
+    is on: under pytest-django, when database access is blocked at the end of a test
+    while this thread connects (work a test's request left behind). The next call
+    must not use that connection: on SQLite its first write began a transaction that
+    nobody committed, and the idle thread held the write lock for the rest of the run."""
+    import sqlite3
+    import time
+
+    from django.db import connection
+
+    def connect_half_way():
+        connection.close()
+
+        def blocked(*args, **kwargs):
+            raise RuntimeError("Database access not allowed")  # as pytest-django's block
+
+        connection.set_autocommit = blocked  # the last step of connect()
+        try:
+            with pytest.raises(RuntimeError):
+                connection.ensure_connection()
+        finally:
+            del connection.set_autocommit
+        connection.chatsite_next_check = time.monotonic() + 60  # no check is due
+        return connection.connection is not None
+
+    def write_and_look():
+        Conversation.objects.filter(pk=0).update(title="x")
+        raw = connection.connection
+        if connection.vendor == "sqlite":  # in a transaction: the write lock is held
+            return raw.isolation_level is None and not raw.in_transaction
+        return raw.autocommit
+
+    try:
+        assert await db.run_db(connect_half_way)  # the state the flake left behind
+        assert await db.run_db(write_and_look)
+        if connection.vendor == "sqlite":
+            other = sqlite3.connect(connection.settings_dict["NAME"], timeout=0)
+            try:
+                other.execute("BEGIN IMMEDIATE")  # "database is locked" if it is held
+                other.rollback()
+            finally:
+                other.close()
+    finally:
+        await db.run_db(lambda: connection.close())
+
+
 async def test_a_dropped_connection_is_replaced_once_the_check_is_due():
     from django.db import connection
 
