@@ -36,8 +36,8 @@ from django.contrib.sessions.backends import base as session_base
 from django.contrib.sessions.backends import db as session_db
 from django.core import signals
 from django.core.handlers import asgi as asgi_handler
+from django.db import DEFAULT_DB_ALIAS, connection, connections
 from django.db import close_old_connections as django_close_old_connections
-from django.db import connection, connections
 from django.db.models import base as model_base
 from django.db.models import query as model_query
 from django.dispatch import dispatcher
@@ -60,6 +60,8 @@ def check_connection(wrapper=connection) -> None:
     connects). SQLite's driver then begins a transaction before its first write that
     nobody commits: the database's write lock stays held while this thread is idle.
     """
+    if wrapper is connection:  # each read through the proxy costs a thread-local lookup
+        wrapper = connections[DEFAULT_DB_ALIAS]
     if wrapper.in_atomic_block:
         return
     if _autocommit_lost(wrapper):

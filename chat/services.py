@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import re
@@ -293,7 +294,8 @@ def _conversation_insert(
     return messages, assistant
 
 
-_PG_SEQUENCES: dict[str, str] = {}
+_PG_SEQUENCES: dict[tuple, str] = {}
+_PG_START_SQL: list[str] = []  # the statement, built once
 
 
 def _conversation_insert_pg(
@@ -305,7 +307,10 @@ def _conversation_insert_pg(
     the tables' sequences inside the statement, so the conversation names its current
     leaf as it goes in; the foreign keys between the new rows are checked at its end
     (Django makes them DEFERRABLE INITIALLY DEFERRED). One statement is one
-    transaction: all or nothing, as the generic way."""
+    transaction: all or nothing, as the generic way. The messages go in as one array
+    a column (unnest), so the statement is the same whatever their number: an API
+    call may carry thousands (a UNION of a SELECT a row took PostgreSQL seconds to
+    plan at 1,000 and exhausted its memory at 5,000)."""
     db = connections[DEFAULT_DB_ALIAS]
     assistant = Message(
         conversation=conversation,
@@ -316,14 +321,22 @@ def _conversation_insert_pg(
     messages = [Message(conversation=conversation, role=r, content=c) for r, c in turns]
     rows = [*messages, assistant]
     conversation.model = model
-    sql, params = _pg_start_sql(db, conversation, rows)
-    with db.cursor() as cursor:
-        cursor.execute(sql, params)
+    now = timezone.now()
+    params = [_pg_sequence(db, Conversation), _pg_sequence(db, Message), len(rows)]
+    for field in _pg_start_fields(Conversation):
+        params.append(_pg_start_value(db, field, conversation, now))
+    params.append(len(rows))  # the current leaf: the last message's id
+    for field in _pg_start_fields(Message):
+        params.append([_pg_start_value(db, field, row, now) for row in rows])
+    # Inside a caller's transaction (tests), a failure must undo only this.
+    savepoint = transaction.atomic() if db.in_atomic_block else contextlib.nullcontext()
+    with savepoint, db.cursor() as cursor:
+        cursor.execute(_pg_start_sql(db), params)
         conversation.pk, ids = cursor.fetchone()
     conversation._state.adding, conversation._state.db = False, db.alias
     parent_id = None
     for row, pk in zip(rows, ids, strict=True):
-        row.pk, row.conversation_id, row.parent_id = pk, conversation.pk, parent_id
+        row.pk, row.conversation, row.parent_id = pk, conversation, parent_id
         row._state.adding, row._state.db = False, db.alias
         parent_id = pk
     conversation.current_leaf = assistant
@@ -332,61 +345,65 @@ def _conversation_insert_pg(
     return messages, assistant
 
 
-def _pg_start_sql(db, conversation: Conversation, rows: list[Message]) -> tuple[str, list]:
-    """The statement of _conversation_insert_pg and its parameters, in their order."""
+# Columns the statement fills itself, from the ids it draws.
+_PG_DRAWN = {"id", "conversation_id", "parent_id", "current_leaf_id"}
+
+
+def _pg_start_fields(model) -> list:
+    return [f for f in model._meta.concrete_fields if f.attname not in _PG_DRAWN]
+
+
+def _pg_start_value(db, field, obj, now):
+    if getattr(field, "auto_now", False) or getattr(field, "auto_now_add", False):
+        setattr(obj, field.attname, now)
+    return _db_value(field, getattr(obj, field.attname), db)
+
+
+def _pg_sequence(db, model) -> str:
+    key = (db.settings_dict["NAME"], model._meta.db_table)
+    if key not in _PG_SEQUENCES:
+        with db.cursor() as cursor:
+            cursor.execute(
+                "SELECT pg_get_serial_sequence(%s, %s)",
+                [db.ops.quote_name(model._meta.db_table), model._meta.pk.column],
+            )
+            _PG_SEQUENCES[key] = cursor.fetchone()[0]
+    return _PG_SEQUENCES[key]
+
+
+def _pg_start_sql(db) -> str:
+    """The statement of _conversation_insert_pg; its parameters: the two sequences,
+    the number of messages, the conversation's columns (_pg_start_fields), the
+    current leaf's index, then one array a message column."""
+    if _PG_START_SQL:
+        return _PG_START_SQL[0]
     quote = db.ops.quote_name
-    params: list = []
 
-    def sequence(model) -> str:
-        table = model._meta.db_table
-        if table not in _PG_SEQUENCES:
-            with db.cursor() as cursor:
-                cursor.execute("SELECT pg_get_serial_sequence(%s, %s)", [quote(table), "id"])
-                _PG_SEQUENCES[table] = cursor.fetchone()[0]
-        return _PG_SEQUENCES[table]
+    def cast(field) -> str:  # varchar(n) -> varchar: a cast to it would cut, not fail
+        return re.sub(r"\(\d+\)", "", field.db_type(db))
 
-    def select(obj, drawn: dict[str, str]) -> str:
-        """`SELECT <obj's values> FROM ids`: the drawn ids as SQL, the rest as typed
-        parameters (a bare NULL or string would be typed text in a UNION)."""
-        now = timezone.now()
-        values = []
-        for field in obj._meta.concrete_fields:
-            if field.attname in drawn:
-                values.append(drawn[field.attname])
-                continue
-            if getattr(field, "auto_now", False) or getattr(field, "auto_now_add", False):
-                setattr(obj, field.attname, now)
-            params.append(_db_value(field, getattr(obj, field.attname), db))
-            values.append("%s::" + re.sub(r"\(\d+\)", "", field.db_type(db)))
-        return f"SELECT {', '.join(values)} FROM ids"
-
-    def columns(model) -> str:
-        return ", ".join(quote(f.column) for f in model._meta.concrete_fields)
-
-    params += [sequence(Conversation), sequence(Message), len(rows)]
-    head = (
-        "WITH ids AS (SELECT nextval(%s::regclass) AS c, ARRAY(SELECT nextval(%s::regclass) "
-        "FROM generate_series(1, %s) ORDER BY 1) AS m)"
-    )
-    conv = select(conversation, {"id": "ids.c", "current_leaf_id": f"ids.m[{len(rows)}]"})
-    messages = " UNION ALL ".join(
-        select(
-            row,
-            {
-                "id": f"ids.m[{i}]",
-                "conversation_id": "ids.c",
-                "parent_id": f"ids.m[{i - 1}]" if i > 1 else "NULL::bigint",
-            },
-        )
-        for i, row in enumerate(rows, 1)
-    )
+    conversation_fields = _pg_start_fields(Conversation)
+    message_fields = _pg_start_fields(Message)
+    names = [f"v{i}" for i in range(len(message_fields))]
     sql = (
-        f"{head}, conversation AS (INSERT INTO {quote(Conversation._meta.db_table)} "
-        f"({columns(Conversation)}) {conv}), "
-        f"messages AS (INSERT INTO {quote(Message._meta.db_table)} ({columns(Message)}) "
-        f"{messages}) SELECT ids.c, ids.m FROM ids"
+        "WITH ids AS (SELECT nextval(%s::regclass) AS c, ARRAY(SELECT nextval(%s::regclass) "
+        "FROM generate_series(1, %s::integer) ORDER BY 1) AS m), "
+        f"conversation AS (INSERT INTO {quote(Conversation._meta.db_table)} "
+        f"({quote('id')}, {', '.join(quote(f.column) for f in conversation_fields)}, "
+        f"{quote('current_leaf_id')}) SELECT ids.c, "
+        + ", ".join(f"%s::{cast(f)}" for f in conversation_fields)
+        + ", ids.m[%s::integer] FROM ids), "
+        f"messages AS (INSERT INTO {quote(Message._meta.db_table)} ({quote('id')}, "
+        f"{quote('conversation_id')}, {quote('parent_id')}, "
+        f"{', '.join(quote(f.column) for f in message_fields)}) "
+        f"SELECT ids.m[v.i], ids.c, ids.m[v.i - 1], {', '.join('v.' + n for n in names)} "
+        "FROM ids, unnest("
+        + ", ".join(f"%s::{cast(f)}[]" for f in message_fields)
+        + f") WITH ORDINALITY AS v({', '.join(names)}, i)) "
+        "SELECT ids.c, ids.m FROM ids"
     )
-    return sql, params
+    _PG_START_SQL.append(sql)
+    return sql
 
 
 _INSERT_SQL: dict[tuple, str] = {}

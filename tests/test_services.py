@@ -504,6 +504,33 @@ def test_a_new_conversation_that_cannot_be_stored_leaves_nothing(user):
     assert not Message.objects.exists()
 
 
+def test_a_new_conversation_that_fails_inside_a_transaction_undoes_only_itself(user):
+    # As in these tests, which run inside one: the caller's transaction goes on.
+    key, _ = services.api_key_create(owner=user, name="script")
+    with pytest.raises(IntegrityError):  # max_tokens is a positive integer column
+        services.api_conversation_create(
+            key=key, model="fake", messages=[("user", "a")], max_tokens=-1, temperature=None
+        )
+    assert not Conversation.objects.exists()
+    assert services.api_conversation_create(
+        key=key, model="fake", messages=[("user", "a")], max_tokens=None, temperature=None
+    )
+
+
+def test_a_new_conversation_takes_thousands_of_messages(user):
+    # An API call resends its whole history: one statement whatever its length.
+    key, _ = services.api_key_create(owner=user, name="script")
+    turns = [("user" if i % 2 == 0 else "assistant", f"turn {i}") for i in range(3001)]
+    conversation, reply = services.api_conversation_create(
+        key=key, model="fake", messages=turns, max_tokens=None, temperature=None
+    )
+    rows = list(Message.objects.filter(conversation=conversation).order_by("id"))
+    assert [(m.role, m.content) for m in rows[:-1]] == turns
+    assert [m.parent_id for m in rows] == [None] + [m.pk for m in rows[:-1]]
+    assert rows[-1].pk == reply.pk and reply.parent_id == rows[-2].pk
+    assert Conversation.objects.get(pk=conversation.pk).current_leaf_id == reply.pk
+
+
 @pytest.mark.django_db(transaction=True)
 def test_a_new_conversation_is_one_statement_on_postgresql(user):
     if connection.vendor != "postgresql":
@@ -521,6 +548,8 @@ def test_a_new_conversation_is_one_statement_on_postgresql(user):
         )
     assert len([sql for sql in statements if "INSERT" in sql]) == 1
     assert not [sql for sql in statements if sql.lstrip().upper().startswith("UPDATE")]
+    assert Message.conversation.is_cached(reply) and reply.conversation is conversation
+    assert first.conversation is conversation and conversation.current_leaf is reply
     stored = Conversation.objects.get(pk=conversation.pk)
     assert (stored.current_leaf_id, stored.model, stored.temperature) == (reply.pk, "fake", 0.2)
     assert [(m.pk, m.parent_id, m.role, m.status) for m in stored.messages.order_by("id")] == [
