@@ -296,6 +296,8 @@ async def reply_stop(request: HttpRequest, pk: int, message_id: int) -> HttpResp
             if message.status != Message.Status.STREAMING:
                 break
             await asyncio.sleep(0.1)
+    elif message.status == Message.Status.STREAMING:
+        await message.arefresh_from_db(fields=["status"])  # it may have just ended
     if message.status == Message.Status.STREAMING:
         return _error("This reply is generating on a server process that cannot be reached.", 409)
     return JsonResponse({"status": message.status})

@@ -277,6 +277,25 @@ async def test_stop_closes_upstream_and_keeps_text(user, scripted, asgi_login, m
     assert writes["finish"] == 1  # exactly one final save
 
 
+async def test_stop_of_a_reply_that_ended_meanwhile_answers_its_end(user, asgi_login, monkeypatch):
+    # Read as running, then ended (in another worker, with no Redis to reach it) before
+    # Stop could look: the answer is the end, not "cannot be reached".
+    cookie = await asgi_login(user)
+    conversation = await Conversation.objects.acreate(owner=user, model="scripted")
+    reply = await Message.objects.acreate(
+        conversation=conversation, role="assistant", status="streaming", model="scripted"
+    )
+
+    async def ends_meanwhile(message_id):
+        await Message.objects.filter(pk=message_id).aupdate(status="complete")
+        return False  # no other worker can be reached
+
+    monkeypatch.setattr(replies, "reply_stop_anywhere", ends_meanwhile)
+    stop = AsgiStream("POST", f"/c/{conversation.pk}/m/{reply.pk}/stop/", cookie=cookie)
+    assert await stop.start() == 200
+    assert json.loads(await stop.chunk()) == {"status": "complete"}
+
+
 async def test_client_disconnect_lets_reply_finish_and_save(
     user, scripted, asgi_login, monkeypatch
 ):
