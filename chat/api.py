@@ -26,6 +26,10 @@ from .streaming import PING, on_client_disconnect, sse_response
 from .text import clean_text
 
 ROLES = {"system", "developer", "user", "assistant"}
+# OpenAI's own limit on one request's messages. Every call is stored row by row
+# on the one database thread before its first token: 30,000 tiny messages (under
+# the 1 MB body limit) held it for 2-3 s, everybody's requests waiting behind.
+MAX_MESSAGES = 2048
 
 
 class ApiError(Exception):
@@ -158,6 +162,11 @@ def parse_completion_request(body: bytes) -> dict:
     messages = data.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError("'messages' must be a non-empty array.", param="messages")
+    if len(messages) > MAX_MESSAGES:
+        raise ApiError(
+            f"'messages' has {len(messages):,} items; the limit is {MAX_MESSAGES:,}.",
+            param="messages",
+        )
     parsed = []
     for index, message in enumerate(messages):
         if not isinstance(message, dict):

@@ -228,6 +228,12 @@ def test_unknown_model_is_404_in_openai_shape(client, upstream):
             json.dumps({"model": "fake-echo", "messages": [{"role": "wizard", "content": "x"}]}),
             "messages[0].role",
         ),
+        (  # more than OpenAI's limit of 2,048 (each stored row by row)
+            json.dumps(
+                {"model": "fake-echo", "messages": [{"role": "user", "content": "x"}] * 2049}
+            ),
+            "messages",
+        ),
         (
             json.dumps({"model": "fake-echo", "messages": [{"role": "user", "content": 5}]}),
             "messages[0].content",
@@ -279,6 +285,18 @@ def test_bad_requests_get_400_and_no_upstream_call(daphne_server, api_key, upstr
     assert error["param"] == param
     assert upstream.stats["started"] == before
     assert not Conversation.objects.exists()
+
+
+def test_openais_limit_of_2048_messages_is_accepted_whole():
+    from chat.api import MAX_MESSAGES, ApiError, parse_completion_request
+
+    messages = [{"role": "user", "content": "x"}] * MAX_MESSAGES
+    body = json.dumps({"model": "fake-echo", "messages": messages}).encode()
+    assert len(parse_completion_request(body)["messages"]) == MAX_MESSAGES == 2048
+    with pytest.raises(ApiError, match="2,049 items; the limit is 2,048"):
+        parse_completion_request(
+            json.dumps({"model": "m", "messages": [*messages, messages[0]]}).encode()
+        )
 
 
 def test_oversized_body_and_message_get_413(daphne_server, api_key, upstream):
