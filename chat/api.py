@@ -26,7 +26,7 @@ from .streaming import PING, on_client_disconnect, sse_response
 from .text import clean_text
 
 ROLES = {"system", "developer", "user", "assistant"}
-# OpenAI's own limit on one request's messages. Every call is stored row by row
+# The most messages one request may carry. Every call is stored row by row
 # on the one database thread before its first token: 30,000 tiny messages (under
 # the 1 MB body limit) held it for 2-3 s, everybody's requests waiting behind.
 MAX_MESSAGES = 2048

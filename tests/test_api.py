@@ -228,7 +228,7 @@ def test_unknown_model_is_404_in_openai_shape(client, upstream):
             json.dumps({"model": "fake-echo", "messages": [{"role": "wizard", "content": "x"}]}),
             "messages[0].role",
         ),
-        (  # more than OpenAI's limit of 2,048 (each stored row by row)
+        (  # more than the limit of 2,048 (each is stored row by row)
             json.dumps(
                 {"model": "fake-echo", "messages": [{"role": "user", "content": "x"}] * 2049}
             ),
@@ -287,7 +287,7 @@ def test_bad_requests_get_400_and_no_upstream_call(daphne_server, api_key, upstr
     assert not Conversation.objects.exists()
 
 
-def test_openais_limit_of_2048_messages_is_accepted_whole():
+def test_the_limit_of_2048_messages_is_accepted_whole():
     from chat.api import MAX_MESSAGES, ApiError, parse_completion_request
 
     messages = [{"role": "user", "content": "x"}] * MAX_MESSAGES
