@@ -424,8 +424,10 @@ def reply_get(message_id: int) -> Reply | None:
 
 def reply_unsaved_end(message_id: int) -> dict | None:
     """The end of a reply of this process that has ended but whose final save
-    failed: the sweep saves it (sweep_once). None for any other reply."""
-    return checkpoint_writer().unfinished.get(message_id)
+    failed: the sweep saves it (sweep_once). None for any other reply. Only looks:
+    no writer is made for a loop that has none."""
+    writer = _writers.get(asyncio.get_running_loop())
+    return writer.unfinished.get(message_id) if writer is not None else None
 
 
 def reply_stop(message_id: int) -> bool:
