@@ -295,7 +295,6 @@ def _conversation_insert(
 
 
 _PG_SEQUENCES: dict[tuple, str] = {}
-_PG_START_SQL: list[str] = []  # the statement, built once
 
 
 def _conversation_insert_pg(
@@ -324,10 +323,10 @@ def _conversation_insert_pg(
     now = timezone.now()
     params = [_pg_sequence(db, Conversation), _pg_sequence(db, Message), len(rows)]
     for field in _pg_start_fields(Conversation):
-        params.append(_pg_start_value(db, field, conversation, now))
+        params.append(_insert_value(db, field, conversation, now))
     params.append(len(rows))  # the current leaf: the last message's id
     for field in _pg_start_fields(Message):
-        params.append([_pg_start_value(db, field, row, now) for row in rows])
+        params.append([_insert_value(db, field, row, now) for row in rows])
     # Inside a caller's transaction (tests), a failure must undo only this.
     savepoint = transaction.atomic() if db.in_atomic_block else contextlib.nullcontext()
     with savepoint, db.cursor() as cursor:
@@ -353,12 +352,6 @@ def _pg_start_fields(model) -> list:
     return [f for f in model._meta.concrete_fields if f.attname not in _PG_DRAWN]
 
 
-def _pg_start_value(db, field, obj, now):
-    if getattr(field, "auto_now", False) or getattr(field, "auto_now_add", False):
-        setattr(obj, field.attname, now)
-    return _db_value(field, getattr(obj, field.attname), db)
-
-
 def _pg_sequence(db, model) -> str:
     key = (db.settings_dict["NAME"], model._meta.db_table)
     if key not in _PG_SEQUENCES:
@@ -375,8 +368,9 @@ def _pg_start_sql(db) -> str:
     """The statement of _conversation_insert_pg; its parameters: the two sequences,
     the number of messages, the conversation's columns (_pg_start_fields), the
     current leaf's index, then one array a message column."""
-    if _PG_START_SQL:
-        return _PG_START_SQL[0]
+    sql = _INSERT_SQL.get(("postgresql", "conversation start"))
+    if sql is not None:
+        return sql
     quote = db.ops.quote_name
 
     def cast(field) -> str:  # varchar(n) -> varchar: a cast to it would cut, not fail
@@ -402,12 +396,20 @@ def _pg_start_sql(db) -> str:
         + f") WITH ORDINALITY AS v({', '.join(names)}, i)) "
         "SELECT ids.c, ids.m FROM ids"
     )
-    _PG_START_SQL.append(sql)
+    _INSERT_SQL["postgresql", "conversation start"] = sql
     return sql
 
 
-_INSERT_SQL: dict[tuple, str] = {}
+_INSERT_SQL: dict[tuple, str] = {}  # built once: _row_insert's, and _pg_start_sql's
 _PLAIN_TYPES = (str, int, float, bool)  # what every backend takes as it is
+
+
+def _insert_value(db, field, obj, now):
+    """`obj`'s value for `field` in a new row, as the database takes it; auto_now
+    fields are set to `now` first, as save() would."""
+    if getattr(field, "auto_now", False) or getattr(field, "auto_now_add", False):
+        setattr(obj, field.attname, now)
+    return _db_value(field, getattr(obj, field.attname), db)
 
 
 def _db_value(field, value, db):
@@ -427,11 +429,7 @@ def _row_insert(obj) -> int:
     db = connections[DEFAULT_DB_ALIAS]  # the connection itself, not the per-thread proxy
     now = timezone.now()
     fields = [f for f in obj._meta.concrete_fields if not f.primary_key]
-    values = []
-    for field in fields:
-        if getattr(field, "auto_now", False) or getattr(field, "auto_now_add", False):
-            setattr(obj, field.attname, now)
-        values.append(_db_value(field, getattr(obj, field.attname), db))
+    values = [_insert_value(db, field, obj, now) for field in fields]
     sql = _INSERT_SQL.get((db.vendor, type(obj)))
     if sql is None:
         quote = db.ops.quote_name
