@@ -91,6 +91,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=100, help="tokens per stream")
     p.add_argument("--gap-ms", type=float, default=20.0, help="between tokens")
     p.add_argument("--mode", choices=("openai", "browser"), default="openai")
+    p.add_argument("--keep-raw", type=Path, help="also copy py-spy's raw stacks to this file")
     a = p.parse_args()
     args = argparse.Namespace(tokens=a.tokens, gap_ms=a.gap_ms, warmup=20)
     bench = run.Bench(args)
@@ -99,6 +100,8 @@ def main() -> None:
         bench.fake, bench.fake_port = bench.start_fake("fake-upstream", a.tokens, a.gap_ms)
         bench.db.setup()
         raw = loadgen.run(profile(bench, a))
+        if a.keep_raw:
+            shutil.copyfile(raw, a.keep_raw)
     finally:
         for proc in list(bench.procs):
             proc.stop()
