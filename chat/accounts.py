@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import unicodedata
 
 from django import forms
 from django.conf import settings
@@ -20,6 +21,17 @@ from . import services
 from .models import SiteOwner
 
 
+def throttle_name(username: str) -> str:
+    """The name failures are counted under: every spelling Django signs in as one.
+
+    Django's login form turns the username into its NFKC form before looking it
+    up, so "\uff41lice" (fullwidth a) signs in as "alice": counting the raw
+    string gave each look-alike spelling a fresh allowance. Case-folded too, so
+    "Alice" and "alice" share one count (stricter than the lookup, never looser).
+    """
+    return unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", username).casefold()).strip()
+
+
 class LoginThrottle:
     """Counts failed logins in the cache.
 
@@ -33,7 +45,7 @@ class LoginThrottle:
     def __init__(self, request: HttpRequest | None, username: str):
         meta = request.META if request else {}
         address = meta.get(settings.CHAT_CLIENT_IP_HEADER) or meta.get("REMOTE_ADDR", "")
-        user = hashlib.sha256(username.strip().lower().encode()).hexdigest()[:32]
+        user = hashlib.sha256(throttle_name(username).encode()).hexdigest()[:32]
         pair = hashlib.sha256(f"{user}|{address}".encode()).hexdigest()[:32]
         self.limits = {
             f"login-fail:pair:{pair}": settings.LOGIN_FAILURE_LIMIT,

@@ -172,7 +172,7 @@ def parse_completion_request(body: bytes) -> dict:
         if not isinstance(message, dict):
             raise ApiError("Each message must be an object.", param=f"messages[{index}]")
         role = message.get("role")
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:  # a list is not even hashable
             raise ApiError(
                 f"Unsupported role {role!r}; use system, developer, user or assistant.",
                 param=f"messages[{index}].role",

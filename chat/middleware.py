@@ -3,6 +3,7 @@ from django.conf import settings
 from django.contrib.auth import middleware as auth_middleware
 from django.contrib.messages import middleware as messages_middleware
 from django.contrib.sessions import middleware as sessions_middleware
+from django.http import HttpResponseBadRequest
 from django.middleware import clickjacking, common, csrf, security
 
 
@@ -32,6 +33,42 @@ class ContentSecurityPolicyMiddleware:
     def _add_header(self, response):
         response.headers.setdefault("Content-Security-Policy", self.policy)
         return response
+
+
+class RefuseNulMiddleware:
+    """Answers 400 to a NUL character in the query string or a cookie.
+
+    PostgreSQL cannot hold NUL in text, and psycopg refuses to send it: a search
+    for "%00" (the sidebar's, the admin's) or a session cookie holding one ended
+    in a 500 there and worked on SQLite. Bodies are not checked here: message
+    text keeps its NUL as U+FFFD (chat.text.clean_text), and Django's form
+    fields refuse it.
+    """
+
+    async_capable = True
+    sync_capable = True
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+        if iscoroutinefunction(get_response):
+            markcoroutinefunction(self)
+
+    def __call__(self, request):
+        if iscoroutinefunction(self):
+            return self.__acall__(request)
+        return self._refusal(request) or self.get_response(request)
+
+    async def __acall__(self, request):
+        return self._refusal(request) or await self.get_response(request)
+
+    @staticmethod
+    def _refusal(request) -> HttpResponseBadRequest | None:
+        query = request.META.get("QUERY_STRING", "")
+        if "%00" in query or "\x00" in query or any("\x00" in v for v in request.COOKIES.values()):
+            return HttpResponseBadRequest(
+                "The request holds a NUL character.", content_type="text/plain"
+            )
+        return None
 
 
 # Django's built-in middleware run their hooks through sync_to_async under

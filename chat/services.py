@@ -595,16 +595,32 @@ def reply_finish(
             check_connection()
 
 
+# PositiveIntegerField: PostgreSQL's integer with a CHECK >= 0 (SQLite has the CHECK too).
+_MAX_STORED_COUNT = 2**31 - 1
+_FINISH_REASON_LENGTH = Message._meta.get_field("finish_reason").max_length
+
+
+def _stored_count(value) -> int | None:
+    """A count or a duration as the column can hold it; None for what it cannot."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _MAX_STORED_COUNT:
+        return value
+    return None
+
+
 def _final_fields(*, content: str, status: str, finish_reason: str = "", **fields) -> dict:
+    """The end of a reply as every backend stores it. The finish reason and the
+    usage come from the model server as it sent them: a NUL, a 40-character
+    reason or a negative count was refused by PostgreSQL, and the final save of
+    such a reply failed on every retry and every sweep, the row left streaming."""
     return {
         "content": clean_text(content),
         "status": status,
-        "finish_reason": finish_reason or "",
-        "prompt_tokens": fields.get("prompt_tokens"),
-        "completion_tokens": fields.get("completion_tokens"),
-        "ttft_ms": fields.get("ttft_ms"),
-        "duration_ms": fields.get("duration_ms"),
-        "error": fields.get("error", ""),
+        "finish_reason": clean_text(finish_reason or "")[:_FINISH_REASON_LENGTH],
+        "prompt_tokens": _stored_count(fields.get("prompt_tokens")),
+        "completion_tokens": _stored_count(fields.get("completion_tokens")),
+        "ttft_ms": _stored_count(fields.get("ttft_ms")),
+        "duration_ms": _stored_count(fields.get("duration_ms")),
+        "error": clean_text(fields.get("error") or ""),
         "updated": timezone.now(),
     }
 
@@ -926,37 +942,23 @@ def preference_theme(user) -> str:
     return theme or Preference.Theme.SYSTEM
 
 
-_FENCE_OPEN = re.compile(r"^(`{3,}|~{3,})(.*)$")
-_FENCE_CLOSE = re.compile(r"^ {0,3}(`{3,}|~{3,})[ \t]*$")
-# A code span: equal backtick runs, the opener not backslash-escaped.
+# What can begin raw HTML in CommonMark: a tag, closing tag, comment, declaration,
+# processing instruction or CDATA, and the autolinks `<scheme:...>`.
+_HTML_START = re.compile(r"<(?=[A-Za-z/!?])")
 
 
 def markdown_escape_html(text: str) -> str:
     """Make `text` safe to hand to any Markdown renderer: no raw HTML survives.
 
-    `<` becomes `&lt;` everywhere except inside fenced code blocks, where
-    renderers show it literally anyway. Code spans are escaped too: whether a
-    backtick opens one depends on the renderer (spans cross lines, table cells
-    split first), and showing `&lt;` in code is the safe mistake.
+    Every `<` that could open HTML becomes `&lt;`, wherever it stands, code
+    blocks and spans included. Deciding what is code depends on the renderer
+    (fences indented inside list items, spans across lines or table cells) and
+    one message's unclosed fence would run into the next: a first version that
+    kept fenced code as it was could be made, by such a mismatch, to keep an
+    `<img onerror>` live. Showing `&lt;` in code is the safe mistake. A `<`
+    before a space, digit or `=` (`a < b`, `<3`, `<=`) opens nothing and stays.
     """
-    lines = []
-    fence = None
-    for line in text.split("\n"):
-        if fence is not None:
-            close = _FENCE_CLOSE.match(line)
-            if close and close.group(1)[0] == fence[0] and len(close.group(1)) >= len(fence):
-                fence = None
-            lines.append(line)
-            continue
-        opening = _FENCE_OPEN.match(line)
-        # Only unindented fences: an indented one may belong to a list item
-        # that the next line closes, and then what follows would not be code.
-        if opening and not (opening.group(1)[0] == "`" and "`" in opening.group(2)):
-            fence = opening.group(1)
-            lines.append(line)
-            continue
-        lines.append(line.replace("<", "&lt;"))
-    return "\n".join(lines)
+    return _HTML_START.sub("&lt;", text)
 
 
 def message_text(message: Message) -> str:

@@ -104,6 +104,22 @@ def test_login_same_answer_for_unknown_user_and_wrong_password(client, user):
     assert unknown.context["form"].errors == wrong.context["form"].errors
 
 
+@pytest.mark.parametrize("path", ["/accounts/login/", "/admin/login/"])
+def test_look_alike_spellings_of_a_username_share_its_throttle(
+    client, settings, path, django_user_model
+):
+    # Django signs "\uff41lice" (fullwidth a), " alice " and "ALICE"-folded spellings
+    # in as the NFKC form; each spelling must not get an allowance of its own.
+    settings.LOGIN_FAILURE_LIMIT = 3
+    django_user_model.objects.create_superuser("alice", password=PASSWORD)
+    for spelling in ("alice", "\uff41lice", "ALICE"):
+        client.post(path, {"username": spelling, "password": "wrong"})
+    for spelling in ("\uff41lice", "\uff41\uff4c\uff49\uff43\uff45", " alice"):
+        response = client.post(path, {"username": spelling, "password": PASSWORD})
+        assert b"Too many failed sign-in attempts" in response.content, spelling
+        assert "_auth_user_id" not in client.session
+
+
 def test_admin_login_is_throttled_too(client, settings, django_user_model):
     settings.LOGIN_FAILURE_LIMIT = 2
     django_user_model.objects.create_superuser("boss", password=PASSWORD)

@@ -287,6 +287,52 @@ def test_bad_requests_get_400_and_no_upstream_call(daphne_server, api_key, upstr
     assert not Conversation.objects.exists()
 
 
+# Every JSON type in every place of the body: a clear 400 or a valid request, never
+# another exception (a list as a role was a 500: unhashable).
+JSON_VALUES = [None, True, 0, -1, 1.5, float("inf"), "", "x", [], [1], ["user"], {}, {"a": 1}]
+BODY_PLACES = [
+    ("model",),
+    ("messages",),
+    ("messages", 0),
+    ("messages", 0, "role"),
+    ("messages", 0, "content"),
+    ("messages", 0, "content", 0),
+    ("messages", 0, "content", 0, "type"),
+    ("messages", 0, "content", 0, "text"),
+    ("stream",),
+    ("stream_options",),
+    ("stream_options", "include_usage"),
+    ("max_tokens",),
+    ("max_completion_tokens",),
+    ("temperature",),
+]
+
+
+@pytest.mark.parametrize("place", BODY_PLACES, ids=lambda p: ".".join(map(str, p)))
+def test_any_json_type_anywhere_is_a_400_or_valid(place):
+    from chat.api import ApiError, parse_completion_request
+
+    for value in JSON_VALUES:
+        body = {
+            "model": "fake-echo",
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+            "stream_options": {"include_usage": True},
+        }
+        target = body
+        for key in place[:-1]:
+            target = target[key]
+        target[place[-1]] = value
+        try:
+            parse_completion_request(json.dumps(body).encode())
+        except ApiError as exc:
+            assert exc.status == 400 and str(exc)
+    with pytest.raises(ApiError) as exc:
+        parse_completion_request(
+            json.dumps({"model": "m", "messages": [{"role": ["user"], "content": "x"}]}).encode()
+        )
+    assert exc.value.param == "messages[0].role"
+
+
 def test_the_limit_of_2048_messages_is_accepted_whole():
     from chat.api import MAX_MESSAGES, ApiError, parse_completion_request
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import socket
 import time
 import urllib.error
 import urllib.request
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -468,6 +470,35 @@ def test_validate_base_url_accepts(url):
     assert validate_base_url(url) == url.rstrip("/")
 
 
+UNICODE_METADATA_URLS = [
+    "http://169\u3002254\u3002169\u3002254/v1",  # ideographic full stops
+    "http://169\uff0e254\uff0e169\uff0e254/v1",  # fullwidth full stops
+    "http://169\uff61254\uff61169\uff61254/v1",  # halfwidth ideographic full stops
+    "http://\uff11\uff16\uff19.254.169.254/v1",  # fullwidth digits
+    "http://\u2460\u2465\u2468.254.169.254/v1",  # circled digits: 1, 6, 9
+    "http://\uff4detadata.google.internal/",  # fullwidth m
+]
+
+
+@pytest.mark.parametrize("url", UNICODE_METADATA_URLS)
+def test_the_check_sees_the_host_the_clients_connect_to(url):
+    # Each HTTP client either refuses the URL or connects to the ASCII host checked.
+    import httpx2
+    import yarl
+
+    from chat.llm.openai_compat import _ascii_host
+
+    checked = _ascii_host(urlsplit(url).hostname)
+    assert checked.isascii()
+    assert yarl.URL(url).host == checked  # aiohttp's: the one that streams
+    with contextlib.suppress(httpx2.InvalidURL):
+        assert httpx2.URL(url).host == checked
+
+
+def test_an_international_host_name_is_accepted():
+    assert validate_base_url("http://b\u00fccher.example/v1") == "http://b\u00fccher.example/v1"
+
+
 @pytest.mark.parametrize(
     "url",
     [
@@ -490,6 +521,8 @@ def test_validate_base_url_accepts(url):
         "http://METADATA.google.internal./",
         "http://metadata/",
         "http://localhost:notaport/",
+        # Unicode spellings the HTTP clients map to ASCII (IDNA) before connecting.
+        *UNICODE_METADATA_URLS,
     ],
 )
 def test_validate_base_url_rejects(url):

@@ -96,3 +96,33 @@ def test_hourly_limit_applies_to_the_api(user, settings):
     )
     assert response.status_code == 429
     assert response.json()["error"]["code"] == "rate_limit_exceeded"
+
+
+# PostgreSQL cannot hold NUL in text and psycopg refuses to send it: each of these
+# was a 500 there (and worked on SQLite). CI runs this on both.
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/?q=%00",
+        "/?q=a%00b&archived=1",
+        "/admin/chat/message/?q=%00",
+        "/admin/chat/conversation/?q=x%00",
+    ],
+)
+def test_nul_in_a_query_string_is_a_400_on_every_backend(client, django_user_model, path):
+    admin = django_user_model.objects.create_superuser("root", password="pw-root-123!")
+    client.force_login(admin)
+    response = client.get(path)
+    assert response.status_code == 400
+    assert b"NUL" in response.content
+    assert client.get(path.replace("%00", "")).status_code == 200
+
+
+@pytest.mark.django_db(transaction=True)
+def test_nul_in_a_cookie_is_a_400_not_a_session_lookup(client):
+    client.cookies["sessionid"] = "abcdefghij\x00klmnop"  # sent as "\000", which Django unquotes
+    response = client.get("/accounts/login/")
+    assert response.status_code == 400
+    client.cookies["sessionid"] = "abcdefghijklmnop"
+    assert client.get("/accounts/login/").status_code == 200

@@ -65,6 +65,27 @@ def test_reply_finish_stores_nul_from_the_model(conversation):
     assert Message.objects.get(pk=reply.pk).content == "a\ufffdb"
 
 
+def test_reply_finish_stores_what_the_model_server_sent_whatever_it_is(conversation):
+    # As the upstream sent them: PostgreSQL refused each of these, and the row
+    # stayed `streaming` through every retry and sweep.
+    _, reply = services.message_send(conversation=conversation, content="x", model="fake")
+    services.reply_finish(
+        message_id=reply.pk,
+        content="text",
+        status="complete",
+        finish_reason="content_filter\x00" + "x" * 50,
+        prompt_tokens=-1,
+        completion_tokens=2**40,
+        ttft_ms=True,
+        error="odd\x00error",
+    )
+    row = Message.objects.get(pk=reply.pk)
+    assert (row.status, row.content) == ("complete", "text")
+    assert row.finish_reason == ("content_filter\ufffd" + "x" * 50)[:32]
+    assert (row.prompt_tokens, row.completion_tokens, row.ttft_ms) == (None, None, None)
+    assert row.error == "odd\ufffderror"
+
+
 def test_reply_finish_retries_when_database_is_busy(conversation, monkeypatch):
     _, reply = services.message_send(conversation=conversation, content="x", model="fake")
     real_update = services._row_update
@@ -354,13 +375,24 @@ def test_theme_preference(user):
             "| `x | <img src=x onerror=alert(1)> | y` |",
             "| `x | &lt;img src=x onerror=alert(1)> | y` |",
         ),
-        ("```html\n<b>x</b>\n```\n<i>", "```html\n<b>x</b>\n```\n&lt;i>"),
-        # Not a fence (backtick in the info string) and an indented one: escaped.
-        ("``` a`b\n<b>", "``` a`b\n&lt;b>"),
+        # Code blocks too: what is code depends on the renderer (an indented
+        # fence closed by an unindented one, a fence left open by one message).
+        ("```html\n<b>x</b>\n```\n<i>", "```html\n&lt;b>x&lt;/b>\n```\n&lt;i>"),
+        (
+            " ```\n<x>\n```\n<img src=x onerror=alert(1)>",
+            " ```\n&lt;x>\n```\n&lt;img src=x onerror=alert(1)>",
+        ),
         ("- item\n  ```\n- <img src=x>", "- item\n  ```\n- &lt;img src=x>"),
         # An escaped backtick opens no code span.
         ("\\`<img src=x onerror=alert(1)>`", "\\`&lt;img src=x onerror=alert(1)>`"),
-        ("``a`<b>``", "``a`&lt;b>``"),
+        # Comments, declarations, processing instructions, CDATA, autolinks.
+        (
+            "<!-- x --><!DOCTYPE x><?php ?><![CDATA[x]]>",
+            "&lt;!-- x -->&lt;!DOCTYPE x>&lt;?php ?>&lt;![CDATA[x]]>",
+        ),
+        ("<javascript:alert(1)> <JaVaScRiPt:x>", "&lt;javascript:alert(1)> &lt;JaVaScRiPt:x>"),
+        # What cannot open HTML stays readable.
+        ("if a < b and b <= c: print('<3')", "if a < b and b <= c: print('<3')"),
     ],
 )
 def test_markdown_escape_html(text, expected):
@@ -371,12 +403,14 @@ def test_markdown_export_has_no_live_html(conversation):
     conversation.title = "<script>alert(1)</script>"
     conversation.system_prompt = "<img src=x onerror=alert(2)>"
     conversation.save()
-    _exchange(conversation, "<svg onload=alert(3)>", "```\n<kept in code>\n```")
+    # A fence one message leaves open must not carry the next one's HTML through.
+    _exchange(conversation, "<svg onload=alert(3)>\n```", "```\n<img src=x onerror=alert(4)>")
     conversation.refresh_from_db()
     text = services.conversation_export_markdown(conversation)
     assert text.startswith("# &lt;script>alert(1)&lt;/script>\n")
     assert "&lt;img src=x" in text and "&lt;svg onload" in text
-    assert "```\n<kept in code>\n```" in text
+    assert "&lt;img src=x onerror=alert(4)>" in text
+    assert "<img" not in text and "<svg" not in text and "<script" not in text
     assert "## User" in text and "## Assistant" in text
 
 

@@ -101,6 +101,32 @@ def _embedded_v4(addr: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
     return None
 
 
+def _ascii_host(host: str) -> str:
+    """The host name the HTTP clients will connect to, for a host written in Unicode.
+
+    yarl (aiohttp) and httpx2 map a non-ASCII host through IDNA, which turns
+    "169\u3002254\u3002169\u3002254" (ideographic full stops), fullwidth digits
+    and circled digits into plain ASCII: the checks must see what they see.
+    Both of Python's IDNA mappings are tried (the codec's IDNA 2003 and the
+    idna package's UTS 46, which yarl uses) and must agree.
+    """
+    if host.isascii():
+        return host
+    spellings = set()
+    with contextlib.suppress(UnicodeError):
+        spellings.add(host.encode("idna").decode("ascii").lower())
+    try:
+        import idna  # installed with httpx2 and yarl
+    except ImportError:
+        pass
+    else:
+        with contextlib.suppress(idna.IDNAError, UnicodeError):
+            spellings.add(idna.encode(host, uts46=True).decode("ascii").lower())
+    if len(spellings) != 1:
+        raise ValueError("The model server URL has a host name that cannot be used.")
+    return spellings.pop()
+
+
 def validate_base_url(url: str) -> str:
     """Check an endpoint URL before any request goes to it; return it normalised.
 
@@ -120,7 +146,7 @@ def validate_base_url(url: str) -> str:
         raise ValueError("The model server URL is not a valid URL.") from None
     if parts.scheme.lower() not in ("http", "https"):
         raise ValueError("The model server URL must start with http:// or https://.")
-    host = unquote(parts.hostname or "").strip().rstrip(".").lower()
+    host = _ascii_host(unquote(parts.hostname or "").strip()).rstrip(".").lower()
     if not host:
         raise ValueError("The model server URL has no host name.")
     if host in _METADATA_HOSTS:
