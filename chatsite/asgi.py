@@ -1,6 +1,7 @@
 """ASGI entry point: daphne serves this (`make run`, or several workers behind nginx)."""
 
 import gc
+import io
 import os
 import sys
 
@@ -10,6 +11,7 @@ import django  # noqa: E402
 from asgiref.sync import ThreadSensitiveContext  # noqa: E402
 from django.conf import settings  # noqa: E402
 from django.core.handlers.asgi import ASGIHandler  # noqa: E402
+from django.http import HttpResponse, JsonResponse  # noqa: E402
 
 # Sync views doing slow work (password hashing, admin exports) keep a thread
 # of their own per request, away from the shared database thread.
@@ -49,10 +51,68 @@ class ChatASGIHandler(ASGIHandler):
         else:
             await self.handle(scope, receive_and_notify, send)
 
+    async def read_body(self, receive):
+        """The body, as Django reads it, but no more of it than the site accepts.
+
+        Django counts only a form's fields against DATA_UPLOAD_MAX_MEMORY_SIZE:
+        a multipart body's files (10 MB, say) were read whole, spooled to disk
+        and the request served. Nothing here takes uploads, so past the limit
+        the rest is read and dropped, and create_request answers 413 before any
+        view runs.
+        """
+        limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+        if limit is None:
+            return await super().read_body(receive)
+        kept = 0
+
+        async def receive_within_limit():
+            nonlocal kept
+            message = await receive()
+            body = message.get("body")
+            if body and kept is not None:
+                kept += len(body)
+                if kept > limit:
+                    kept = None
+            if body and kept is None:
+                message = {**message, "body": b""}
+            return message
+
+        body_file = await super().read_body(receive_within_limit)
+        if kept is None:
+            body_file.close()
+            return _DroppedBody()  # create_request answers 413
+        return body_file
+
+    def create_request(self, scope, body_file):
+        if isinstance(body_file, _DroppedBody):
+            return None, _body_too_large(scope)
+        return super().create_request(scope, body_file)
+
     async def send_response(self, response, send):
         if getattr(response, "start_with_first_frame", False):
             await start_on_first_frame(response)  # the status may change until then
         await super().send_response(response, send)
+
+
+class _DroppedBody(io.BytesIO):
+    """Stands for a body over the limit: Django's handler closes it like any other."""
+
+
+def _body_too_large(scope) -> HttpResponse:
+    message = f"The request body is larger than {settings.DATA_UPLOAD_MAX_MEMORY_SIZE:,} bytes."
+    if scope["path"].startswith("/v1/"):  # the API answers in OpenAI's shape
+        return JsonResponse(
+            {
+                "error": {
+                    "message": message,
+                    "type": "invalid_request_error",
+                    "param": None,
+                    "code": None,
+                }
+            },
+            status=413,
+        )
+    return HttpResponse(message, status=413, content_type="text/plain")
 
 
 django.setup(set_prefix=False)

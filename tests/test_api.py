@@ -417,6 +417,42 @@ def test_client_disconnect_abandons_reply_and_closes_upstream(daphne_server, api
     assert upstream.stats["abandoned"] == before + 1  # upstream closed although silent
 
 
+def test_a_10_mb_multipart_body_is_a_413_before_any_view(daphne_server, user, upstream):
+    # Django counts only a form's fields against the body limit: files went to disk
+    # and the message was sent. The site takes no uploads: the whole body counts.
+    started = upstream.stats["started"]
+    boundary = "chatsite-test-boundary"
+    fields = [("content", b"hi"), ("model", b"fake-echo")]
+    body = b"".join(
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'.encode()
+        + value
+        + b"\r\n"
+        for name, value in fields
+    )
+    body += (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="pad"; filename="x.bin"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n"
+        ).encode()
+        + b"x" * 10_000_000
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    headers = {
+        "Cookie": session_cookies(user),
+        "X-CSRFToken": "a" * 32,
+        "Content-Type": f"multipart/form-data; boundary={boundary}",
+    }
+    status, data = _raw(daphne_server, "POST", "/c/send/", body, headers)
+    assert status == 413 and b"larger than 1,000,000 bytes" in data
+    assert upstream.stats["started"] == started
+    assert not Conversation.objects.exists()
+    # Under the limit the same form is served.
+    small = body.replace(b"x" * 10_000_000, b"x" * 10)
+    status, _ = _raw(daphne_server, "POST", "/c/send/", small, headers)
+    assert status == 200
+    wait_for_reply({"complete"})
+
+
 def test_chunked_body_without_length_is_cut_off_at_the_limit(daphne_server, api_key, upstream):
     started = upstream.stats["started"]
     sock = socket.create_connection(("127.0.0.1", daphne_server.port), timeout=10)
