@@ -128,3 +128,31 @@ async def test_chat_page_streams_the_embedded_model(user, asgi_login, settings):
     assert reply.content == "".join(deltas)
     assert reply.model == "smollm2-135m-instruct"
     assert reply.completion_tokens and reply.completion_tokens <= 12
+
+
+@pytest.mark.parametrize("unit", ["继续讨论这个问题", "🙂🚀🎉", "Paris is lovely. "])
+async def test_a_long_conversation_in_any_script_fits_the_window(provider, unit):
+    # Trimmed at 3 characters a token, 10 Chinese turns of 300 characters were 4,584
+    # tokens for a window of 2,048: every later message failed.
+    from chat.services import trim_context
+
+    turns = [
+        ChatMessage("user" if i % 2 == 0 else "assistant", (unit * 300)[:300]) for i in range(10)
+    ]
+    turns.append(ChatMessage("user", "继续"))
+    messages = trim_context("", turns, provider.context_chars)
+    deltas = [d async for d in provider.stream(messages, _params(8))]
+    assert deltas[-1].finish_reason in {"stop", "length"}
+    assert 0 < deltas[-1].prompt_tokens <= provider.context_tokens - 8
+
+
+async def test_the_latest_message_alone_too_long_is_cut_to_its_end(provider):
+    llama = provider._load()
+    long = "开头" + "很长的消息" * 2000 + "结尾"
+    fitted = provider.fit_context(
+        llama, [ChatMessage("system", "规则" * 3000), ChatMessage("user", long)], 100
+    )
+    assert [m.role for m in fitted] == ["system", "user"]
+    assert fitted[0].content.startswith("规则") and fitted[1].content.endswith("结尾")
+    tokens = sum(len(llama.tokenize(m.content.encode(), add_bos=False)) for m in fitted)
+    assert tokens <= provider.context_tokens - 100

@@ -21,6 +21,11 @@ from .base import ChatMessage, Delta, GenerationParams, ProviderError
 log = logging.getLogger(__name__)
 
 _END = object()
+# What the chat template adds, in tokens, with room to spare: around each message
+# its role markers (SmolLM2's: 5), and once its own system prompt when the
+# conversation has none and the assistant's turn (SmolLM2's: 25 and 3).
+MESSAGE_TOKENS = 8
+TEMPLATE_TOKENS = 48
 
 
 def default_model_path() -> Path | None:
@@ -52,8 +57,55 @@ class LocalProvider:
 
     @property
     def context_chars(self) -> int:
-        # About 3 characters a token; half the window is kept for the reply.
+        # About 3 characters a token in English; half the window is kept for the
+        # reply. Other scripts take more tokens a character: fit_context then
+        # trims again, by the model's own count.
         return self.context_tokens // 2 * 3
+
+    def fit_context(self, llama, messages: list[ChatMessage], max_tokens: int) -> list[ChatMessage]:
+        """The messages cut to the context window by the model's own token count.
+
+        The same policy as chat.services.trim_context, which trims by characters
+        first: the system prompt keeps at most half (its beginning), then the
+        newest messages that fit, the latest always kept (its end, if alone it is
+        too long). Chinese text takes ~1.5 tokens a character here, emoji ~3: a
+        conversation trimmed at 3 characters a token overflowed the window, and
+        then every later message failed the same way.
+        """
+
+        def count(text: str) -> int:
+            return len(llama.tokenize(text.encode(), add_bos=False, special=False))
+
+        def cut(text: str, tokens: int, keep_end: bool) -> str:
+            ids = llama.tokenize(text.encode(), add_bos=False, special=False)
+            ids = ids[-tokens:] if keep_end else ids[:tokens]
+            return llama.detokenize(ids).decode("utf-8", errors="ignore") if tokens > 0 else ""
+
+        budget = self.context_tokens - max_tokens - TEMPLATE_TOKENS
+        system = [m for m in messages if m.role == "system"]
+        turns = [m for m in messages if m.role != "system"]
+        fitted_system = []
+        for message in system[:1]:
+            size = count(message.content) + MESSAGE_TOKENS
+            if size > budget // 2:
+                message = ChatMessage(
+                    "system", cut(message.content, budget // 2 - MESSAGE_TOKENS, False)
+                )
+                size = budget // 2
+            fitted_system.append(message)
+            budget -= size
+        kept: list[ChatMessage] = []
+        for turn in reversed(turns):
+            size = count(turn.content) + MESSAGE_TOKENS
+            if size > budget:
+                if kept:
+                    break
+                turn = ChatMessage(turn.role, cut(turn.content, budget - MESSAGE_TOKENS, True))
+                size = budget
+            kept.append(turn)
+            budget -= size
+        kept.reverse()
+        return fitted_system + kept
 
     async def list_models(self) -> list[str]:
         return [self.model_id]
@@ -78,10 +130,12 @@ class LocalProvider:
             return
         try:
             llama = self._load()
+            max_tokens = min(params.max_tokens, self.context_tokens // 2)
+            messages = self.fit_context(llama, messages, max_tokens)
             chunks = llama.create_chat_completion(
                 messages=[{"role": m.role, "content": m.content} for m in messages],
                 stream=True,
-                max_tokens=min(params.max_tokens, self.context_tokens // 2),
+                max_tokens=max_tokens,
                 temperature=0.7 if params.temperature is None else params.temperature,
             )
             completion_tokens = 0
