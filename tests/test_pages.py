@@ -516,3 +516,38 @@ def test_every_control_is_named(alice, conversation):
     for name in [">Copy<", ">Edit<", ">Regenerate<", ">Rename<", ">Delete<", ">Archive<"]:
         assert name in html, name
     assert 'aria-label="Search"' in html and ">Dark mode</button>" in html
+
+
+def _every_route(resolver=None, prefix=""):
+    """Every URL pattern of the site, as (path template, pattern name), admin's excepted."""
+    from django.urls import URLPattern, URLResolver, get_resolver
+
+    for entry in (resolver or get_resolver()).url_patterns:
+        route = prefix + str(entry.pattern)
+        if isinstance(entry, URLResolver):
+            if not route.startswith("admin/"):  # Django's own, CSRF-checked as a whole
+                yield from _every_route(entry, route)
+        elif isinstance(entry, URLPattern):
+            yield route, entry.name
+
+
+def test_every_post_without_a_csrf_token_is_refused(user, conversation):
+    # Every route the site has, present and future: only /v1/ (bearer keys, no
+    # cookies) is exempt. A route that does not take POST answers 405, also fine.
+    import re as _re
+
+    message = conversation.messages.get(role="user")
+    client = Client(enforce_csrf_checks=True)
+    client.force_login(user)
+    checked = 0
+    for route, name in _every_route():
+        if route.startswith(("v1/", "^v1/")):
+            continue
+        ids = iter([conversation.pk, message.pk])
+        path = "/" + _re.sub(r"<int:\w+>", lambda _: str(next(ids)), route).lstrip("^")
+        before = _snapshot(conversation)
+        response = client.post(path, {"content": "x", "title": "x", "model": "fake", "name": "k"})
+        assert response.status_code in {403, 405}, (name, path, response.status_code)
+        assert _snapshot(conversation) == before, name
+        checked += 1
+    assert checked >= 25  # the walk found the site's routes

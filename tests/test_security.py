@@ -27,10 +27,17 @@ def test_pages_never_show_upstream_key_or_url(client, user, configured_upstream)
     client.force_login(user)
     conversation = services.conversation_create(owner=user, model="gpt-test")
     _, raw_key = services.api_key_create(owner=user, name="k")
+    c = conversation.pk
     pages = [
         client.get("/"),
-        client.get(f"/c/{conversation.pk}/"),
+        client.get(f"/c/{c}/"),
         client.get("/keys/"),
+        client.get(f"/c/{c}/messages/"),
+        client.get(f"/c/{c}/item/"),
+        client.get(f"/c/{c}/settings/", headers={"HX-Request": "true"}),
+        client.get(f"/c/{c}/export.md"),
+        client.get(f"/c/{c}/export.json"),
+        client.get("/accounts/password_change/"),
         Client().get("/v1/models", headers={"Authorization": f"Bearer {raw_key}"}),
     ]
     for response in pages:

@@ -460,6 +460,21 @@ async def test_oversized_message_is_refused_before_any_write(user, scripted, asg
     assert scripted.calls == []
 
 
+async def test_the_server_caps_max_tokens_on_the_chat_page_too(
+    user, fake_provider, asgi_login, settings
+):
+    # A chat keeps the max_tokens it was given; a lower server cap still wins.
+    conversation = await Conversation.objects.acreate(owner=user, model="fake", max_tokens=1000)
+    settings.CHAT_MAX_TOKENS = 2
+    cookie = await asgi_login(user)
+    stream = await _send(cookie, "one two three four", "fake", f"/c/{conversation.pk}/send/")
+    events = stream.events()
+    _, start = await anext(events)
+    await _until_end(events)
+    reply = await _wait_finished(start["assistant_message"])
+    assert (reply.content, reply.finish_reason) == ("Echo: one ", "length")
+
+
 async def test_concurrent_reply_limit(user, scripted, asgi_login, settings):
     settings.CHAT_MAX_CONCURRENT_REPLIES = 1
     cookie = await asgi_login(user)
