@@ -18,7 +18,6 @@ from django.template.response import TemplateResponse
 from django.views.decorators.http import require_GET, require_http_methods
 
 from . import services
-from .models import SiteOwner
 
 
 def throttle_name(username: str) -> str:
@@ -102,7 +101,7 @@ class ThrottledLoginView(LoginView):
 
 
 def signup_open() -> bool:
-    return settings.SIGNUP_MODE in {"open", "approval"} or not SiteOwner.objects.exists()
+    return settings.SIGNUP_MODE in {"open", "approval"} or services.site_is_fresh()
 
 
 class SignupForm(UserCreationForm):
@@ -127,8 +126,9 @@ def signup(request: HttpRequest) -> HttpResponse:
             return TemplateResponse(request, "registration/signup_pending.html")
         login(request, user, backend="django.contrib.auth.backends.ModelBackend")
         return redirect(settings.LOGIN_REDIRECT_URL)
-    first = not SiteOwner.objects.exists()
-    return TemplateResponse(request, "registration/signup.html", {"form": form, "first": first})
+    return TemplateResponse(
+        request, "registration/signup.html", {"form": form, "first": services.site_is_fresh()}
+    )
 
 
 @require_GET

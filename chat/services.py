@@ -47,19 +47,25 @@ class InputError(ValueError):
         self.status = status
 
 
+def site_is_fresh() -> bool:
+    """No account yet: the next sign-up makes the site's owner. A site whose first
+    accounts came from `createsuperuser` or the admin has no SiteOwner row (only
+    sign-up makes one), and counted as fresh: anybody could sign up as its admin."""
+    return not SiteOwner.objects.exists() and not get_user_model().objects.exists()
+
+
 def user_signup(*, username: str, password: str, email: str = ""):
     """Create an account under the sign-up policy.
 
     The first account of a fresh site becomes the superuser; exactly one does,
     even when two sign up at once (the SiteOwner insert is the arbiter).
     """
-    User = get_user_model()
     mode = settings.SIGNUP_MODE
     with transaction.atomic():
-        site_has_owner = SiteOwner.objects.exists()
+        site_has_owner = not site_is_fresh()
         if site_has_owner and mode not in {"open", "approval"}:
             raise SignupClosed
-        user = User.objects.create_user(
+        user = get_user_model().objects.create_user(
             username=username, password=password, email=email, is_active=True
         )
         if not site_has_owner:

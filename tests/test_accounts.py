@@ -41,6 +41,28 @@ def test_signup_closed_after_first_user(client):
     assert other.get("/accounts/signup/").status_code == 403
 
 
+@pytest.mark.parametrize("superuser", [True, False])
+def test_a_site_set_up_with_createsuperuser_is_not_fresh(client, django_user_model, superuser):
+    # Only sign-up makes the SiteOwner row: a site whose accounts came from
+    # `createsuperuser` (the README's way) or the admin offered its first
+    # stranger the administrator's account.
+    if superuser:
+        django_user_model.objects.create_superuser("boss", password=PASSWORD)
+    else:
+        django_user_model.objects.create_user("bob", password=PASSWORD)
+    page = client.get("/accounts/signup/")
+    assert page.status_code == 403
+    assert b"first account becomes" not in page.content
+    response = client.post(
+        "/accounts/signup/",
+        {"username": "mallory", "password1": PASSWORD, "password2": PASSWORD},
+    )
+    assert response.status_code == 403
+    assert not django_user_model.objects.filter(username="mallory").exists()
+    with pytest.raises(services.SignupClosed):
+        services.user_signup(username="eve", password=PASSWORD)
+
+
 def test_signup_open_mode_creates_normal_users(client, settings):
     settings.SIGNUP_MODE = "open"
     _signup(client, "root")

@@ -543,8 +543,8 @@ def test_every_post_without_a_csrf_token_is_refused(user, conversation):
     for route, name in _every_route():
         if route.startswith(("v1/", "^v1/")):
             continue
-        ids = iter([conversation.pk, message.pk])
-        path = "/" + _re.sub(r"<int:\w+>", lambda _: str(next(ids)), route).lstrip("^")
+        ids = [str(conversation.pk), str(message.pk)]
+        path = "/" + _re.sub(r"<int:\w+>", lambda _, ids=ids: ids.pop(0), route).lstrip("^")
         before = _snapshot(conversation)
         response = client.post(path, {"content": "x", "title": "x", "model": "fake", "name": "k"})
         assert response.status_code in {403, 405}, (name, path, response.status_code)
