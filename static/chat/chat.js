@@ -19,6 +19,18 @@
   // The reply this tab is following: {id, controller}.
   let active = null;
 
+  // A phone or tablet: its keyboard has no Shift for a new line, so Enter
+  // types one and the Send button sends; and the composer is not focused by
+  // itself (that would pop the keyboard over the reply being read).
+  const touchOnly = matchMedia("(pointer: coarse)").matches && !matchMedia("(pointer: fine)").matches;
+  const sendsOnEnter = (event) =>
+    event.key === "Enter" && !event.shiftKey && !event.isComposing && !touchOnly;
+  if (touchOnly) {
+    textarea.removeAttribute("autofocus");
+    textarea.placeholder = "Message";
+    if (document.activeElement === textarea) textarea.blur();
+  }
+
   function conversationId() {
     return chat.dataset.conversation;
   }
@@ -89,11 +101,15 @@
     streaming: "Generating…",
   };
 
-  function setStatus(article, status, error) {
+  // A complete reply the token limit cut short says so (finish reason "length").
+  const CUT_OFF = "Cut off at the length limit";
+
+  function setStatus(article, status, error, finishReason) {
     article.dataset.status = status;
     const badge = article.querySelector(".status");
     badge.className = `status status-${status}`;
-    badge.textContent = STATUS_LABELS[status] ?? status;
+    badge.textContent =
+      status === "complete" && finishReason === "length" ? CUT_OFF : (STATUS_LABELS[status] ?? status);
     article.querySelector(".error-text").textContent = error || "";
   }
 
@@ -110,7 +126,7 @@
     sendButton.hidden = busy;
     stopButton.hidden = !busy;
     messages.classList.toggle("busy", busy);
-    if (!busy) textarea.focus();
+    if (!busy && !touchOnly) textarea.focus();
   }
 
   // The server's own reason for refusing a request (its JSON `error`), else a generic one.
@@ -184,7 +200,7 @@
       } else if (name === "end") {
         ended = true;
         view.finish();
-        setStatus(article, data.status, data.error);
+        setStatus(article, data.status, data.error, data.finish_reason);
       }
       scrollToBottom();
     });
@@ -369,7 +385,7 @@
       if (event.key === "Escape") {
         event.stopPropagation();
         close();
-      } else if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+      } else if (sendsOnEnter(event)) {
         event.preventDefault();
         form.requestSubmit();
       }
@@ -501,7 +517,7 @@
     send();
   });
   textarea.addEventListener("keydown", (event) => {
-    if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+    if (sendsOnEnter(event)) {
       event.preventDefault();
       send();
     }
@@ -516,6 +532,10 @@
   }
   document.addEventListener("click", (event) => {
     closeMenus(event.target.closest(".item-menu"));
+    // The settings popover too closes on a click outside it.
+    for (const popover of document.querySelectorAll("details.chat-settings[open]")) {
+      if (!popover.contains(event.target)) popover.open = false;
+    }
   });
 
   document.addEventListener("keydown", (event) => {
@@ -526,14 +546,21 @@
       return;
     }
     if (event.key !== "Escape") return;
-    const rename = event.target.closest?.(".rename-form");
+    const rename = event.target.closest?.(".rename-form, .confirming");
     const menu = event.target.closest?.(".item-menu[open]");
+    const popover = event.target.closest?.("details[open]");
     if (rename) rename.querySelector("button.cancel").click();
     else if (menu) {
       menu.open = false;
       menu.querySelector("summary").focus();
+    } else if (popover) {
+      popover.open = false;
+      popover.querySelector("summary").focus();
     } else if (document.body.classList.contains("sidebar-open")) setSidebar(false);
-    else if (active) stop();
+    // Escape stops a reply only from the composer or the conversation, not
+    // while clearing the search box or leaving some other field.
+    else if (active && (event.target === textarea || !event.target.closest?.("input, select, textarea, #sidebar")))
+      stop();
   });
 
   // Phone layout: the sidebar slides over the chat and back.

@@ -66,6 +66,20 @@ def test_escape_stops(page_for, user):
     expect(reply).to_have_attribute("data-status", "stopped")
 
 
+def test_escape_elsewhere_does_not_stop(page_for, user):
+    # Escape clears the search box or closes the settings: the reply goes on.
+    page = page_for(user)
+    reply = _send(page, WORDS, "fake-slow")
+    expect(reply.locator(".message-body")).to_contain_text("w1")
+    search = page.get_by_role("searchbox", name="Search")
+    search.fill("w")
+    search.press("Escape")
+    page.locator("summary", has_text="Settings").click()
+    page.get_by_label("Temperature").press("Escape")
+    expect(page.locator("details.chat-settings")).not_to_have_attribute("open", "")
+    expect(reply).to_have_attribute("data-status", "complete", timeout=15_000)
+
+
 def test_reload_mid_reply_resumes_and_completes(page_for, user):
     page = page_for(user)
     reply = _send(page, WORDS, "fake-slow")
@@ -147,6 +161,18 @@ def test_phone_viewport_sidebar_collapses(page_for, user):
     expect(page.get_by_role("button", name="New chat")).to_be_in_viewport()
     page.get_by_role("button", name="Close sidebar").click()
     expect(page.get_by_role("button", name="New chat")).not_to_be_in_viewport()
-    reply = _send(page, "hello from a phone", "fake-echo")
+    page.get_by_label("Model").select_option("fake-echo")
+    box = page.get_by_role("textbox", name="Message")
+    # A phone keyboard has no Shift: Enter types a new line, the Send button sends.
+    box.fill("hello")
+    box.press("Enter")
+    box.press_sequentially("from a phone")
+    expect(box).to_have_value("hello\nfrom a phone")
+    assert page.locator("article.message-assistant").count() == 0
+    page.get_by_role("button", name="Send").click()
+    reply = page.locator("article.message-assistant").last
     expect(reply).to_have_attribute("data-status", "complete")
+    expect(reply.locator(".message-body")).to_have_text("Echo: hello\nfrom a phone")
+    # The composer is not focused again by itself: that would pop the keyboard up.
+    expect(box).not_to_be_focused()
     assert page.evaluate("document.documentElement.scrollWidth") <= 390

@@ -106,6 +106,28 @@ def test_edit_and_resend_branches_and_keeps_the_old_branch(page_for, user):
     assert Message.objects.filter(role="user", parent=None).count() == 2
 
 
+def test_editing_hides_the_messages_own_actions(page_for, user):
+    page = page_for(user)
+    page.goto("/")
+    _send(page, "first", "fake-echo")
+    question = page.locator("article.message-user").last
+    question.get_by_role("button", name="Edit").click()
+    expect(question.get_by_role("textbox", name="Edit message")).to_be_focused()
+    expect(question.locator(".message-meta")).to_be_hidden()
+    expect(question.get_by_role("button", name="Copy")).to_be_hidden()
+    question.get_by_role("button", name="Cancel").click()
+    expect(question.get_by_role("button", name="Edit")).to_be_visible()
+
+
+def test_a_reply_cut_by_the_token_limit_says_so(page_for, user):
+    page = page_for(user)
+    page.goto("/")
+    reply = _send(page, "count", "fake-length")
+    expect(reply.locator(".status")).to_have_text("Cut off at the length limit")
+    page.reload()
+    expect(_last_reply(page).locator(".status")).to_have_text("Cut off at the length limit")
+
+
 def test_upstream_rate_limit_shows_retry_which_recovers(page_for, user):
     page = page_for(user)
     page.goto("/")
@@ -183,6 +205,15 @@ def test_rename_search_archive_and_delete_from_the_sidebar(page_for, user):
     item.locator("summary").click()
     item.get_by_role("button", name="Delete").click()
     confirm = page.locator(f"#conv-{other.pk}.confirming")
+    # The safe answer has the focus: Enter or Escape keeps the conversation.
+    expect(confirm.get_by_role("button", name="Cancel")).to_be_focused()
+    page.keyboard.press("Escape")
+    expect(page.locator(f"#conv-{other.pk}-link")).to_be_visible()
+    assert Conversation.objects.filter(pk=other.pk).exists()
+    item.locator("summary").click()
+    item.get_by_role("button", name="Delete").click()
+    expect(confirm.get_by_role("button", name="Cancel")).to_be_focused()
+    page.keyboard.press("Shift+Tab")
     expect(confirm.get_by_role("button", name="Delete")).to_be_focused()
     page.keyboard.press("Enter")
     expect(page.locator(f"#conv-{other.pk}")).to_have_count(0)
