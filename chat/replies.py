@@ -244,10 +244,18 @@ class Reply:
             "error": end.error,
         }
         try:
-            await run_db(services.reply_finish, **final)
+            try:
+                await run_db(services.reply_finish, **final, attempts=1)
+            except Exception:
+                # Its text and end go to the journal before the retries, which
+                # may take long (a locked database): a crash meanwhile loses
+                # nothing, and if they all fail the sweep saves it from there.
+                log.warning("reply %s: its final save failed; retrying", self.message_id)
+                checkpoints.unfinished_add(self, final)
+                await run_db(services.reply_finish, **final)
+                checkpoints.unfinished.pop(self.message_id, None)
         except Exception:
             log.exception("could not save reply %s; the sweep will try again", self.message_id)
-            checkpoints.unfinished_add(self, final)
         else:
             checkpoints.finished(self.message_id)
         finally:
@@ -298,10 +306,12 @@ class CheckpointWriter:
         self.pending.pop(reply.message_id, None)
 
     def unfinished_add(self, reply: Reply, final: dict) -> None:
-        """The reply's final save failed: journal all its text and its end."""
+        """The reply's final save failed: journal all its text and its end, now
+        (not with the next batch: the retries that follow may take long)."""
         self.unfinished[reply.message_id] = final
         self._finals_due.append(reply.message_id)
         self.add(reply)
+        self._flush()
 
     def finished(self, message_id: int) -> None:
         """The reply's final save is done: the journal can forget it."""

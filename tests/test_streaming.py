@@ -155,24 +155,58 @@ async def test_checkpoint_stores_text_while_streaming(user, scripted, asgi_login
     assert reply_id not in live_ids(journal_root())
 
 
-def _final_save_fails_once(monkeypatch) -> None:
+def _final_save_fails(monkeypatch, times: int = 2, before_retry=None) -> None:
+    """The reply's final save fails `times` times (its first try and its retries,
+    by default); `before_retry()` runs on the database thread before the second."""
     finish = services.reply_finish
     calls = []
 
-    def failing_once(**kwargs):
+    def failing(**kwargs):
         calls.append(kwargs)
-        if len(calls) == 1:
+        if len(calls) == 2 and before_retry is not None:
+            before_retry()
+        if len(calls) <= times:
             raise services.OperationalError("disk I/O error")
         return finish(**kwargs)
 
-    monkeypatch.setattr(services, "reply_finish", failing_once)
+    monkeypatch.setattr(services, "reply_finish", failing)
+
+
+async def test_a_failed_final_save_is_journalled_before_it_is_retried(
+    user, scripted, asgi_login, monkeypatch
+):
+    # A crash while the retries wait for a locked database (up to ~100 s) lost the
+    # reply's last second of text and its end: they are in the journal first.
+    seen = {}
+
+    def journal_meanwhile():  # on the database thread, before the retry
+        state = LogState(log_path[0])
+        state.feed()
+        seen.update(text=state.texts.get(reply_id[0]), final=state.finals.get(reply_id[0]))
+
+    reply_id, log_path = [], []
+    _final_save_fails(monkeypatch, times=1, before_retry=journal_meanwhile)
+    cookie = await asgi_login(user)
+    stream = await _send(cookie)
+    events = stream.events()
+    _, start = await anext(events)
+    reply_id.append(start["assistant_message"])
+    log_path.append(replies.checkpoint_writer().journal.log_path)
+    await scripted.script.put("every word")
+    await scripted.script.put(Delta(finish_reason="stop"))
+    await scripted.script.put(None)
+    await _until_end(events)
+    row = await _wait_finished(reply_id[0])
+    assert (row.status, row.content) == (Message.Status.COMPLETE, "every word")
+    assert seen["text"] == b"every word" and seen["final"]["status"] == "complete"
+    assert reply_id[0] not in replies.checkpoint_writer().unfinished
 
 
 async def test_a_reply_whose_final_save_failed_is_saved_by_the_sweep(
     user, scripted, asgi_login, monkeypatch, settings
 ):
     settings.CHAT_CHECKPOINT_SECONDS = 0.05
-    _final_save_fails_once(monkeypatch)
+    _final_save_fails(monkeypatch)
     cookie = await asgi_login(user)
     stream = await _send(cookie)
     events = stream.events()
@@ -215,11 +249,11 @@ async def test_a_reply_whose_final_save_failed_is_saved_by_the_sweep(
     assert reply_id not in writer.live and reply_id not in live_ids(journal_root())
 
 
-async def test_a_final_save_retried_before_its_text_was_journalled_leaves_the_journal(
+async def test_a_final_save_the_sweep_retried_leaves_the_journal(
     user, scripted, asgi_login, monkeypatch, settings
 ):
     settings.CHAT_CHECKPOINT_SECONDS = 0.05
-    _final_save_fails_once(monkeypatch)
+    _final_save_fails(monkeypatch)
     stream = await _send(await asgi_login(user))
     events = stream.events()
     _, start = await anext(events)
@@ -227,7 +261,8 @@ async def test_a_final_save_retried_before_its_text_was_journalled_leaves_the_jo
     await scripted.script.put(None)
     await _until_end(events)
     writer = replies.checkpoint_writer()
-    assert start["assistant_message"] in writer.pending  # not journalled yet
+    reply_id = start["assistant_message"]
+    assert reply_id in writer.unfinished and reply_id not in writer.pending  # journalled at once
     assert await replies.sweep_once() == 1
     await asyncio.sleep(0.1)
     assert writer.live == {} and writer.pending == {}
