@@ -51,20 +51,25 @@ class LoginThrottle:
             f"login-fail:user:{user}": settings.LOGIN_FAILURE_LIMIT * 10,
         }
 
+    # While the cache (Redis) is down nobody is throttled rather than nobody
+    # let in (services.cache_or logs it).
     def blocked(self) -> bool:
-        counts = cache.get_many(list(self.limits))
+        counts = services.cache_or({}, cache.get_many, list(self.limits))
         return any(count >= self.limits[key] for key, count in counts.items())
 
     def record_failure(self) -> None:
-        for key in self.limits:
-            cache.add(key, 0, settings.LOGIN_FAILURE_WINDOW)
-            try:
-                cache.incr(key)
-            except ValueError:  # expired between add and incr
-                cache.set(key, 1, settings.LOGIN_FAILURE_WINDOW)
+        def count():
+            for key in self.limits:
+                cache.add(key, 0, settings.LOGIN_FAILURE_WINDOW)
+                try:
+                    cache.incr(key)
+                except ValueError:  # expired between add and incr
+                    cache.set(key, 1, settings.LOGIN_FAILURE_WINDOW)
+
+        services.cache_or(None, count)
 
     def record_success(self) -> None:
-        cache.delete_many(list(self.limits)[:1])  # this pair starts afresh
+        services.cache_or(None, cache.delete_many, list(self.limits)[:1])  # the pair starts afresh
 
 
 class ThrottledLoginMixin:

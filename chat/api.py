@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 
@@ -24,6 +25,8 @@ from .models import ApiKey, Message
 from .replies import HEARTBEAT, ReplyEnd
 from .streaming import PING, on_client_disconnect, sse_response
 from .text import clean_text
+
+log = logging.getLogger(__name__)
 
 ROLES = {"system", "developer", "user", "assistant"}
 # The most messages one request may carry. Every call is stored row by row
@@ -98,6 +101,11 @@ def _api_view(method: str):
                 if exc.status == 405:
                     response["Allow"] = method
                 return response
+            except Exception:  # a client of the API reads JSON, not Django's error page
+                log.exception("API request %s failed", request.path)
+                return ApiError(
+                    "The server failed; try again.", 500, type="server_error"
+                ).response()
 
         wrapped.__name__ = view.__name__
         wrapped.__doc__ = view.__doc__

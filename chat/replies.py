@@ -452,14 +452,18 @@ def reply_stop(message_id: int) -> bool:
 async def reply_stop_anywhere(message_id: int) -> bool:
     """Stop a reply in this process or, over the channel layer, in another one.
 
-    False when no other process can be reached (no REDIS_URL).
+    False when no other process can be reached (no REDIS_URL, or Redis down).
     """
     if reply_stop(message_id):
         return True
     plane = control_plane()
     if plane is None:
         return False
-    await plane.request_stop(message_id)
+    try:
+        await plane.request_stop(message_id)
+    except Exception:  # Redis is down: as unreachable as with no Redis at all
+        log.warning("stop of reply %s: the channel layer failed", message_id, exc_info=True)
+        return False
     return True
 
 
@@ -501,15 +505,18 @@ class ControlPlane:
         that lands in redis-py's socket read can be lost, and channels_redis
         then polls Redis forever, so the event loop never finishes closing.
         """
+        woken = False
         if self.channel.done():
-            await self.layer.send(self.channel.result(), {"type": "plane.close"})
             try:
-                async with asyncio.timeout(5):
-                    await self._listener
-            except TimeoutError:
-                log.error("control plane listener did not stop")
-        else:
+                await self.layer.send(self.channel.result(), {"type": "plane.close"})
+                woken = True
+            except Exception:  # Redis is down: the listener is between retries
+                log.warning("control plane: could not wake the listener; cancelling it")
+        if not woken:
             self._listener.cancel()
+        await asyncio.wait([self._listener], timeout=5)
+        if not self._listener.done():
+            log.error("control plane listener did not stop")
         if self._pending:
             await asyncio.wait(self._pending, timeout=5)
         await self.layer.close_pools()

@@ -139,7 +139,7 @@ def check_reply_quota(owner_id: int) -> None:
             status=429,
         )
     limit = settings.CHAT_MAX_REPLIES_PER_HOUR
-    if limit and (cache.get(_hourly_key(owner_id)) or 0) >= limit:
+    if limit and (cache_or(0, cache.get, _hourly_key(owner_id)) or 0) >= limit:
         minutes = 60 - int(time.time() % 3600 // 60)
         raise InputError(
             f"You have reached the limit of {limit} replies an hour; "
@@ -155,11 +155,35 @@ def _hourly_key(owner_id: int) -> str:
 def _count_reply(owner_id: int) -> None:
     """Count a started reply against the user's hourly limit (a fixed window)."""
     key = _hourly_key(owner_id)
-    cache.add(key, 0, 3700)
+
+    def count():
+        cache.add(key, 0, 3700)
+        try:
+            cache.incr(key)
+        except ValueError:  # expired between add and incr
+            cache.set(key, 1, 3700)
+
+    cache_or(None, count)
+
+
+_cache_failure_logged_at = float("-inf")
+
+
+def cache_or(default, call, *args):
+    """`call(*args)` on the cache, or `default` while the cache (Redis) is down.
+
+    The hourly limits count in the cache; with REDIS_URL set it is Redis, and a
+    Redis outage made every send a 500 that stored nothing. A limit that does
+    not count for a while is the lesser harm; the outage is logged (once a minute).
+    """
+    global _cache_failure_logged_at
     try:
-        cache.incr(key)
-    except ValueError:  # expired between add and incr
-        cache.set(key, 1, 3700)
+        return call(*args)
+    except Exception:
+        if time.monotonic() - _cache_failure_logged_at > 60:
+            _cache_failure_logged_at = time.monotonic()
+            log.exception("the cache is unreachable; usage limits do not count meanwhile")
+        return default
 
 
 def message_send(

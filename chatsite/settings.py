@@ -142,7 +142,10 @@ if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {"hosts": [REDIS_URL]},
+            # redis-py 8 gives up on a read after 5 s, exactly the 5 s that
+            # channels_redis blocks in BZPOPMIN waiting for a message: every idle
+            # worker's listener failed, logged and slept every few seconds.
+            "CONFIG": {"hosts": [{"address": REDIS_URL, "socket_timeout": 30}]},
         }
     }
     CACHES = {
