@@ -8,9 +8,11 @@ import json
 from collections.abc import Iterable, Iterator
 
 from django.contrib import admin
-from django.db.models import Count, QuerySet
+from django.db.models import Count, F, Q, QuerySet, Sum
+from django.db.models.functions import Coalesce
 from django.http import HttpResponse
 from django.utils import timezone
+from django.utils.text import Truncator
 
 from .accounts import ThrottledAdminAuthenticationForm
 from .models import Conversation, Message, Preference
@@ -99,9 +101,25 @@ class ReadOnlyAdmin(admin.ModelAdmin):
         return False
 
 
+def _short(text: str, chars: int) -> str:
+    """One line of `text`, cut at a word with an ellipsis: list columns stay narrow."""
+    return Truncator(" ".join(text.split())).chars(chars)
+
+
 class MessageInline(admin.TabularInline):
     model = Message
-    fields = ["id", "role", "status", "model", "short_content", "completion_tokens", "created"]
+    fields = [
+        "id",
+        "role",
+        "status",
+        "model",
+        "short_content",
+        "error",
+        "completion_tokens",
+        "ttft_ms",
+        "duration_ms",
+        "created",
+    ]
     readonly_fields = fields
     extra = 0
     can_delete = False
@@ -113,23 +131,26 @@ class MessageInline(admin.TabularInline):
 
     @admin.display(description="content")
     def short_content(self, obj: Message) -> str:
-        return message_text(obj)[:200]
+        return _short(message_text(obj), 200)
 
 
 @admin.register(Conversation)
 class ConversationAdmin(ReadOnlyAdmin):
     list_display = [
         "id",
-        "display_title",
+        "short_title",
         "owner",
         "model",
         "source",
         "api_key_name",
         "message_count",
+        "tokens",
+        "errors",
         "archived",
         "created",
         "updated",
     ]
+    ordering = ["-updated", "-id"]  # the latest activity first
     list_filter = [
         "model",
         "source",
@@ -146,11 +167,37 @@ class ConversationAdmin(ReadOnlyAdmin):
     exclude = ["current_leaf"]
 
     def get_queryset(self, request):
-        return super().get_queryset(request).annotate(message_count=Count("messages"))
+        return (
+            super()
+            .get_queryset(request)
+            .annotate(
+                message_count=Count("messages"),
+                token_count=Coalesce(
+                    Sum(
+                        Coalesce(F("messages__prompt_tokens"), 0)
+                        + Coalesce(F("messages__completion_tokens"), 0)
+                    ),
+                    0,
+                ),
+                error_count=Count("messages", filter=Q(messages__status=Message.Status.ERROR)),
+            )
+        )
+
+    @admin.display(description="title", ordering="title")
+    def short_title(self, obj) -> str:
+        return _short(obj.display_title, 60)
 
     @admin.display(description="messages", ordering="message_count")
     def message_count(self, obj) -> int:
         return obj.message_count
+
+    @admin.display(description="tokens (prompt + completion)", ordering="token_count")
+    def tokens(self, obj) -> int:
+        return obj.token_count
+
+    @admin.display(description="failed replies", ordering="error_count")
+    def errors(self, obj) -> int:
+        return obj.error_count
 
     @admin.action(description="Export messages of selected conversations as JSONL")
     def export_jsonl(self, request, queryset):
@@ -167,7 +214,6 @@ class ConversationAdmin(ReadOnlyAdmin):
 class MessageAdmin(ReadOnlyAdmin):
     list_display = [
         "id",
-        "conversation",
         "owner",
         "role",
         "model",
@@ -177,11 +223,16 @@ class MessageAdmin(ReadOnlyAdmin):
         "ttft_ms",
         "duration_ms",
         "created",
+        "preview",
+        "short_error",
+        "conversation_title",
     ]
+    ordering = ["-created", "-id"]  # the newest first
     list_filter = [
         "status",
         "role",
         "model",
+        "finish_reason",
         "created",
         ("conversation__owner", admin.RelatedOnlyFieldListFilter),
     ]
@@ -214,6 +265,18 @@ class MessageAdmin(ReadOnlyAdmin):
     @admin.display(ordering="conversation__owner__username")
     def owner(self, obj: Message):
         return obj.conversation.owner
+
+    @admin.display(description="content")
+    def preview(self, obj: Message) -> str:
+        return _short(message_text(obj), 80)
+
+    @admin.display(description="error", ordering="error")
+    def short_error(self, obj: Message) -> str:
+        return _short(obj.error, 80)
+
+    @admin.display(description="conversation", ordering="conversation__title")
+    def conversation_title(self, obj: Message) -> str:
+        return _short(obj.conversation.display_title, 40)
 
     @admin.action(description="Export selected messages as JSONL")
     def export_jsonl(self, request, queryset):

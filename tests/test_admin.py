@@ -129,3 +129,22 @@ def test_a_running_replys_text_is_shown_from_the_journal(admin_client, user):
         assert (row["status"], row["content"]) == ("streaming", "half <i>way</i>")
     finally:
         own.close(clean=True)
+
+
+def test_lists_show_tokens_errors_and_the_newest_first(admin_client, reply, user):
+    # The columns an admin reviews by sit in one screen: a long title is cut, the
+    # error and a preview of the text show in the list, the newest row is first.
+    conversation = reply.conversation
+    conversation.title = "A very long title " * 10
+    conversation.save()
+    later = services.conversation_create(owner=user, model="fake", title="Later one")
+    services.message_send(conversation=later, content="newer question", model="fake")
+    messages = admin_client.get(reverse("admin:chat_message_changelist")).content.decode()
+    assert "The model server failed (HTTP 500)." in messages
+    assert "The answer is 42" in messages
+    assert 'field-conversation_title">A very long title A very long title A v…</td>' in messages
+    assert messages.index("newer question") < messages.index("The answer is 42")
+    conversations = admin_client.get(reverse("admin:chat_conversation_changelist"))
+    row = next(r for r in conversations.context["cl"].result_list if r.pk == conversation.pk)
+    assert (row.token_count, row.error_count, row.message_count) == (16, 1, 2)
+    assert conversations.context["cl"].result_list[0].pk == later.pk
