@@ -176,12 +176,17 @@
     }
   }
 
-  // Follows one reply's SSE stream into `article`.
+  // A dropped stream (a phone changing networks, a proxy restart) is followed
+  // again from the reply's own stream URL: it answers the text so far, then
+  // the rest. These are the waits before each try (ms).
+  const RECONNECT_DELAYS = [250, 1000, 2000, 4000, 8000];
+
+  // Follows one reply's SSE stream into `article`, reconnecting if it drops.
   async function follow(response, article, user) {
     const view = new window.ChatRender.StreamView(article.querySelector(".message-body"));
     let ended = false;
     let titlePending = false;
-    await readEvents(response, (name, data) => {
+    const onEvent = (name, data) => {
       if (name === "start") {
         article.id = `m-${data.assistant_message}`;
         article.dataset.id = data.assistant_message;
@@ -203,11 +208,31 @@
         setStatus(article, data.status, data.error, data.finish_reason);
       }
       scrollToBottom();
-    });
+    };
+    for (let attempt = 0; ; attempt++) {
+      try {
+        await readEvents(response, onEvent);
+      } catch (err) {
+        if (err.name === "AbortError") throw err;
+      }
+      // The connection dropped; the reply itself goes on server-side.
+      if (ended || !article.dataset.id || attempt >= RECONNECT_DELAYS.length) break;
+      await sleep(RECONNECT_DELAYS[attempt]);
+      if (!active || active.controller.signal.aborted) break;
+      try {
+        response = await fetch(conversationUrl(`m/${article.dataset.id}/stream/`), {
+          signal: active.controller.signal,
+        });
+      } catch (err) {
+        if (err.name === "AbortError") throw err;
+        response = null;
+      }
+      if (response && !response.ok) break; // gone (deleted): nothing to follow
+      if (!response) response = new Response(""); // offline still: the next wait
+    }
     sources.set(article, view.text);
     article.removeAttribute("aria-live");
     if (!ended) {
-      // The connection dropped; the reply itself goes on server-side.
       view.finish();
       setStatus(article, "interrupted", "Connection lost. Reload the page to see the reply.");
     }

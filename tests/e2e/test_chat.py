@@ -80,6 +80,26 @@ def test_escape_elsewhere_does_not_stop(page_for, user):
     expect(reply).to_have_attribute("data-status", "complete", timeout=15_000)
 
 
+def test_a_dropped_stream_is_followed_again_without_a_reload(page_for, user):
+    # The send's response is cut after a few tokens, as a phone changing networks
+    # would see it: the page reconnects to the reply's stream URL by itself.
+    page = page_for(user)
+
+    def cut_short(route):
+        response = route.fetch()
+        frames = response.body().split(b"\n\n")
+        route.fulfill(response=response, body=b"\n\n".join(frames[:5]) + b"\n\n")
+
+    page.route("**/c/send/", cut_short)
+    streams = []
+    page.on("request", lambda r: streams.append(r.url) if "/stream/" in r.url else None)
+    reply = _send(page, WORDS, "fake-slow")
+    expect(reply).to_have_attribute("data-status", "complete", timeout=15_000)
+    expect(reply.locator(".message-body")).to_have_text(f"Echo: {WORDS}")
+    assert len(streams) == 1
+    assert wait_for_reply({"complete"}).content == f"Echo: {WORDS}"
+
+
 def test_reload_mid_reply_resumes_and_completes(page_for, user):
     page = page_for(user)
     reply = _send(page, WORDS, "fake-slow")
