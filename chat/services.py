@@ -105,8 +105,14 @@ def conversation_create(
     )
 
 
+def _typed_text(text: str) -> str:
+    """Text a person typed, as stored: browsers send a textarea's line breaks as
+    CRLF (HTML's form encoding); stored as "\n", as the model's text is."""
+    return clean_text(text).replace("\r\n", "\n").strip()
+
+
 def validate_message_content(content: str) -> str:
-    content = clean_text(content).strip()
+    content = _typed_text(content)
     if not content:
         raise InputError("The message is empty.")
     if len(content) > settings.CHAT_MAX_MESSAGE_CHARS:
@@ -891,7 +897,7 @@ def conversation_settings_parse(data) -> dict:
     empty one means the model's own default (or no system prompt).
     """
     system_prompt = data.get("system_prompt", settings.CHAT_DEFAULT_SYSTEM_PROMPT)
-    system_prompt = clean_text(system_prompt).strip()
+    system_prompt = _typed_text(system_prompt)
     if len(system_prompt) > settings.CHAT_MAX_MESSAGE_CHARS:
         raise InputError("The system prompt is too long.", status=413)
     temperature = data.get("temperature", settings.CHAT_DEFAULT_TEMPERATURE)
@@ -917,19 +923,32 @@ TITLE_PROMPT = (
 )
 
 
+TITLE_CHARS = 80
+
+
+def _title_cut(title: str, more: bool = False) -> str:
+    """At most TITLE_CHARS, cut between words with an ellipsis (`more`: words were left out)."""
+    if len(title) > TITLE_CHARS:
+        title = title[: TITLE_CHARS - 1]
+        title = title.rsplit(" ", 1)[0] if " " in title else title
+        more = True
+    return title.rstrip(" ,;:.") + "…" if more else title
+
+
 def title_fallback(first_message: str) -> str:
     """The first words of the message, when the model gives no usable title."""
     words = " ".join(clean_text(first_message).split()).split(" ")
-    title = " ".join(words[:8])
-    return title[:80] + ("…" if len(words) > 8 or len(title) > 80 else "")
+    return _title_cut(" ".join(words[:8]), more=len(words) > 8)
 
 
 def title_clean(text: str) -> str:
     line = next((line for line in text.strip().splitlines() if line.strip()), "")
     line = re.sub(r"^\s*title\s*:\s*", "", line, flags=re.IGNORECASE)
-    # Models like to dress titles up: quotes, bold, a final full stop.
-    line = " ".join(clean_text(line).split()).strip("\"'“”‘’*#` .")
-    return line[:80]
+    # Models like to dress titles up: quotes, bold, code, a final full stop. A
+    # title is plain text wherever it shows (sidebar, tab, admin).
+    line = re.sub(r"\*+|`+", "", clean_text(line))
+    line = " ".join(line.split()).strip("\"'“”‘’#_ .")
+    return _title_cut(line)
 
 
 async def title_suggest(

@@ -59,6 +59,17 @@ def test_clean_text_keeps_ordinary_text():
     assert clean_text("a\x00b") == "a\ufffdb"
 
 
+def test_typed_line_breaks_are_stored_as_newlines(conversation):
+    # Browsers send a textarea's line breaks as CRLF.
+    user_message, _ = services.message_send(
+        conversation=conversation, content="one\r\ntwo\r\n", model="fake"
+    )
+    assert user_message.content == "one\ntwo"
+    assert (
+        services.conversation_settings_parse({"system_prompt": "a\r\nb"})["system_prompt"] == "a\nb"
+    )
+
+
 def test_reply_finish_stores_nul_from_the_model(conversation):
     _, reply = services.message_send(conversation=conversation, content="x", model="fake")
     services.reply_finish(message_id=reply.pk, content="a\x00b", status="complete")
@@ -338,6 +349,12 @@ def test_title_clean_and_fallback():
         "one two three four five six seven eight…"
     )
     assert services.title_fallback("short  question") == "short question"
+    # Plain text, cut between words: no Markdown, no half word.
+    assert services.title_clean("**Bold** and `code` in a title") == "Bold and code in a title"
+    long = "Why do the trains in my town always arrive late when it rains on Mondays and Fridays"
+    assert services.title_clean(long) == long[:79].rsplit(" ", 1)[0] + "…"
+    assert len(services.title_clean(long)) <= services.TITLE_CHARS
+    assert services.title_fallback("x" * 100) == "x" * 79 + "…"
 
 
 async def test_title_suggest_asks_the_model_briefly(scripted):
