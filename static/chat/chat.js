@@ -555,6 +555,20 @@
       if (menu !== except) menu.open = false;
     }
   }
+  document.addEventListener(
+    "toggle",
+    (event) => {
+      const details = event.target;
+      if (!details.matches?.(".item-menu") || !details.open) return;
+      const menu = details.querySelector(".menu");
+      const list = details.closest(".conversation-list");
+      menu.classList.remove("up");
+      if (list && menu.getBoundingClientRect().bottom > list.getBoundingClientRect().bottom) {
+        menu.classList.add("up");
+      }
+    },
+    true, // toggle does not bubble
+  );
   document.addEventListener("click", (event) => {
     closeMenus(event.target.closest(".item-menu"));
     // The settings popover too closes on a click outside it.

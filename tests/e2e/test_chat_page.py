@@ -567,3 +567,22 @@ def test_interrupted_reply_says_so_and_offers_retry(page_for, user):
     expect(article.locator(".status")).to_have_text("Interrupted")
     expect(article.locator(".message-body")).to_have_text("half an ans")
     expect(article.get_by_role("button", name="Retry")).to_be_visible()
+
+
+def test_the_last_entrys_menu_opens_upwards_in_sight(page_for, user):
+    for i in range(30):
+        services.conversation_create(owner=user, model="fake-echo", title=f"Chat {i}")
+    page = page_for(user)
+    page.goto("/")
+    items = page.locator("#conversation-list li.conversation-item")
+    expect(items).to_have_count(30)
+    last = items.last
+    last.scroll_into_view_if_needed()
+    last.locator("summary").click()
+    delete = last.get_by_role("button", name="Delete")
+    expect(delete).to_be_visible()
+    bottom = page.evaluate(
+        "document.getElementById('conversation-list').getBoundingClientRect().bottom"
+    )
+    box = delete.bounding_box()
+    assert box["y"] + box["height"] <= bottom + 1
