@@ -607,10 +607,13 @@
   function setSidebar(open) {
     document.body.classList.toggle("sidebar-open", open);
     sidebarToggle.setAttribute("aria-expanded", String(open));
+    chat.inert = open; // focus and taps stay in the sidebar while it covers the chat
     if (open) document.querySelector("#sidebar input[type=search]").focus();
     else sidebarToggle.focus();
   }
   sidebarToggle.addEventListener("click", () => setSidebar(true));
+  // A tap beside the open sidebar, on the dimmed chat, closes it.
+  document.querySelector(".sidebar-backdrop").addEventListener("click", () => setSidebar(false));
   document.querySelector(".sidebar-close").addEventListener("click", () => setSidebar(false));
 
   // htmx: no version switching under a running reply; resume after a swap;

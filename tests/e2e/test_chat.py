@@ -181,6 +181,15 @@ def test_phone_viewport_sidebar_collapses(page_for, user):
     expect(page.get_by_role("button", name="New chat")).to_be_in_viewport()
     page.get_by_role("button", name="Close sidebar").click()
     expect(page.get_by_role("button", name="New chat")).not_to_be_in_viewport()
+    # Open, the sidebar keeps the focus (the chat behind is inert), and a tap on
+    # the dimmed chat beside it closes it.
+    page.get_by_role("button", name="Conversations").click()
+    for _ in range(12):
+        page.keyboard.press("Tab")
+        assert page.evaluate("document.activeElement.closest('#chat') === null")
+    page.mouse.click(375, 400)
+    expect(page.get_by_role("button", name="New chat")).not_to_be_in_viewport()
+    expect(page.get_by_role("button", name="Conversations")).to_be_focused()
     page.get_by_label("Model").select_option("fake-echo")
     box = page.get_by_role("textbox", name="Message")
     # A phone keyboard has no Shift: Enter types a new line, the Send button sends.
