@@ -330,11 +330,16 @@ async def message_select(request: HttpRequest, pk: int, message_id: int) -> Http
     return TemplateResponse(request, "chat/_messages.html", context)
 
 
-async def _item_response(request: HttpRequest, conversation: Conversation, template: str):
+async def _item_response(
+    request: HttpRequest, conversation: Conversation, template: str, focus: bool = False
+):
+    """A sidebar entry in one of its states; `focus`: its link takes the focus
+    (back from a rename or a delete confirmation, so the keyboard stays there)."""
     context = {
         "item": conversation,
         "current_id": _current_conversation_id(request),
         "title_changed": True,
+        "focus_link": focus,
     }
     return TemplateResponse(request, template, context)
 
@@ -344,7 +349,7 @@ async def _item_response(request: HttpRequest, conversation: Conversation, templ
 async def conversation_item(request: HttpRequest, pk: int) -> HttpResponse:
     """The sidebar entry (to cancel a rename or a delete)."""
     conversation = await _owned_conversation(request, pk)
-    return await _item_response(request, conversation, "chat/_conversation_item.html")
+    return await _item_response(request, conversation, "chat/_conversation_item.html", focus=True)
 
 
 @login_required
@@ -364,7 +369,7 @@ async def conversation_rename(request: HttpRequest, pk: int) -> HttpResponse:
         return _error(str(exc), exc.status)
     if not request.htmx:
         return redirect("chat:conversation", pk)
-    return await _item_response(request, conversation, "chat/_conversation_item.html")
+    return await _item_response(request, conversation, "chat/_conversation_item.html", focus=True)
 
 
 @login_required

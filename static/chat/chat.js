@@ -627,6 +627,18 @@
       event.detail.isError = false;
     }
   });
+  // A deleted entry leaves the list: the focus goes to its neighbour (or New
+  // chat). The entry's own events end with it, so this looks before the swap
+  // and focuses once the swap (synchronous, right after) is done.
+  document.addEventListener("htmx:beforeSwap", (event) => {
+    const li = event.detail.target;
+    if (li?.classList?.contains("confirming") && event.detail.requestConfig?.verb === "post") {
+      const item = (node) => node?.matches?.(".conversation-item") && node.querySelector("a");
+      const next =
+        item(li.nextElementSibling) || item(li.previousElementSibling) || document.querySelector(".new-chat");
+      setTimeout(() => next?.isConnected && next.focus(), 0);
+    }
+  });
   document.addEventListener("htmx:afterSwap", (event) => {
     if (event.detail.target === messages) {
       watchOlder();

@@ -170,6 +170,7 @@ def test_rename_search_archive_and_delete_from_the_sidebar(page_for, user):
     title.fill("Sea otters <b>")
     title.press("Enter")
     expect(page.locator(f"#conv-{keep.pk}-link")).to_have_text("Sea otters <b>")
+    expect(page.locator(f"#conv-{keep.pk}-link")).to_be_focused()  # the keyboard stays here
     expect(page.locator("#chat-title")).to_have_text("Sea otters <b>")
     keep.refresh_from_db()
     assert (keep.title, keep.title_locked) == ("Sea otters <b>", True)
@@ -208,7 +209,7 @@ def test_rename_search_archive_and_delete_from_the_sidebar(page_for, user):
     # The safe answer has the focus: Enter or Escape keeps the conversation.
     expect(confirm.get_by_role("button", name="Cancel")).to_be_focused()
     page.keyboard.press("Escape")
-    expect(page.locator(f"#conv-{other.pk}-link")).to_be_visible()
+    expect(page.locator(f"#conv-{other.pk}-link")).to_be_focused()
     assert Conversation.objects.filter(pk=other.pk).exists()
     item.locator("summary").click()
     item.get_by_role("button", name="Delete").click()
@@ -217,6 +218,7 @@ def test_rename_search_archive_and_delete_from_the_sidebar(page_for, user):
     expect(confirm.get_by_role("button", name="Delete")).to_be_focused()
     page.keyboard.press("Enter")
     expect(page.locator(f"#conv-{other.pk}")).to_have_count(0)
+    expect(page.locator(f"#conv-{keep.pk}-link")).to_be_focused()  # its neighbour
     assert not Conversation.objects.filter(pk=other.pk).exists()
     assert not Message.objects.filter(conversation_id=other.pk).exists()
 
