@@ -551,3 +551,17 @@ def test_every_post_without_a_csrf_token_is_refused(user, conversation):
         assert _snapshot(conversation) == before, name
         checked += 1
     assert checked >= 25  # the walk found the site's routes
+
+
+def test_an_open_archived_chat_says_so_and_can_be_unarchived(alice, conversation):
+    url = reverse("chat:conversation", args=[conversation.pk])
+    assert b"Unarchive" not in alice.get(url).content
+    services.conversation_archive(conversation=conversation, archived=True)
+    page = alice.get(url).content.decode()
+    assert '<span class="badge">Archived</span>' in page and ">Unarchive</button>" in page
+    response = alice.post(
+        reverse("chat:conversation_archive", args=[conversation.pk]), {"archived": "0"}
+    )
+    assert response.status_code == 302 and response["Location"] == url
+    conversation.refresh_from_db()
+    assert not conversation.archived
