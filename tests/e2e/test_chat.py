@@ -205,3 +205,21 @@ def test_phone_viewport_sidebar_collapses(page_for, user):
     # The composer is not focused again by itself: that would pop the keyboard up.
     expect(box).not_to_be_focused()
     assert page.evaluate("document.documentElement.scrollWidth") <= 390
+
+
+def test_small_controls_are_finger_sized_on_a_touch_screen(page_for, user):
+    page = page_for(user, viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
+    page.goto("/")
+    page.get_by_label("Model").select_option("fake-echo")
+    page.get_by_role("textbox", name="Message").fill("hi")
+    page.get_by_role("button", name="Send").click()
+    reply = page.locator("article.message-assistant").last
+    expect(reply).to_have_attribute("data-status", "complete")
+    page.get_by_role("button", name="Conversations").click()
+    for control in (
+        reply.get_by_role("button", name="Copy"),
+        page.locator("#conversation-list summary").first,
+    ):
+        box = control.bounding_box()
+        assert box["height"] >= 40 and box["width"] >= 40, box
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
