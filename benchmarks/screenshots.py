@@ -106,6 +106,7 @@ def main() -> None:
                         "color_scheme": "light",
                         "viewport": {"width": 390, "height": 844},
                         "is_mobile": True,
+                        "has_touch": True,  # a phone: no Shift+Enter hint, no focused composer
                         "device_scale_factor": 2,
                     },
                 ),
