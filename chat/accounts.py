@@ -86,7 +86,11 @@ class ThrottledLoginMixin:
         except forms.ValidationError:
             throttle.record_failure()
             raise
-        throttle.record_success()
+        # Django's clean() also returns, without a user, when a field is blank: that
+        # is no success, and resetting the count on it let one address guess on
+        # for ever, a blank try after every few wrong ones.
+        if self.get_user() is not None:
+            throttle.record_success()
         return cleaned
 
 

@@ -696,14 +696,16 @@ async def sweep_once() -> int:
     writer = checkpoint_writer()
     saved = 0
     for message_id, final in list(writer.unfinished.items()):
+        if message_id in _running:
+            continue  # its own task is still retrying the save
         try:
             await run_db(services.reply_finish, **final, attempts=1)
         except Exception:
             log.warning("reply %s: its final save failed again", message_id, exc_info=True)
             continue
-        del writer.unfinished[message_id]
-        writer.finished(message_id)
-        saved += 1
+        if writer.unfinished.pop(message_id, None) is not None:
+            writer.finished(message_id)
+            saved += 1
     ours = set(_running) | set(writer.live) | set(writer.pending)
     if writer.failing and ours:
         # Not in any log: the rows themselves must say that they are alive.

@@ -172,7 +172,9 @@ def _count_reply(owner_id: int) -> None:
     cache_or(None, count)
 
 
+_cache_failed_at = float("-inf")
 _cache_failure_logged_at = float("-inf")
+CACHE_RETRY_SECONDS = 10
 
 
 def cache_or(default, call, *args):
@@ -180,14 +182,19 @@ def cache_or(default, call, *args):
 
     The hourly limits count in the cache; with REDIS_URL set it is Redis, and a
     Redis outage made every send a 500 that stored nothing. A limit that does
-    not count for a while is the lesser harm; the outage is logged (once a minute).
+    not count for a while is the lesser harm; the outage is logged (once a
+    minute). After a failure the cache is left alone for CACHE_RETRY_SECONDS:
+    a Redis that drops packets costs its timeout once, not on every call.
     """
-    global _cache_failure_logged_at
+    global _cache_failed_at, _cache_failure_logged_at
+    if time.monotonic() - _cache_failed_at < CACHE_RETRY_SECONDS:
+        return default
     try:
         return call(*args)
     except Exception:
-        if time.monotonic() - _cache_failure_logged_at > 60:
-            _cache_failure_logged_at = time.monotonic()
+        _cache_failed_at = time.monotonic()
+        if _cache_failed_at - _cache_failure_logged_at > 60:
+            _cache_failure_logged_at = _cache_failed_at
             log.exception("the cache is unreachable; usage limits do not count meanwhile")
         return default
 
@@ -638,6 +645,8 @@ _FINISH_REASON_LENGTH = Message._meta.get_field("finish_reason").max_length
 
 def _stored_count(value) -> int | None:
     """A count or a duration as the column can hold it; None for what it cannot."""
+    if isinstance(value, float) and value.is_integer():  # some servers send 12.0
+        value = int(value)
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _MAX_STORED_COUNT:
         return value
     return None
@@ -946,7 +955,7 @@ def title_clean(text: str) -> str:
     line = re.sub(r"^\s*title\s*:\s*", "", line, flags=re.IGNORECASE)
     # Models like to dress titles up: quotes, bold, code, a final full stop. A
     # title is plain text wherever it shows (sidebar, tab, admin).
-    line = re.sub(r"\*+|`+", "", clean_text(line))
+    line = re.sub(r"(\*{1,2}|`+)(\S(?:.*?\S)?)\1", r"\2", clean_text(line))
     line = " ".join(line.split()).strip("\"'“”‘’#_ .")
     return _title_cut(line)
 

@@ -112,7 +112,7 @@ def _body_too_large(scope) -> HttpResponse:
             },
             status=413,
         )
-    return HttpResponse(message, status=413, content_type="text/plain")
+    return JsonResponse({"error": message}, status=413)  # the chat page reads `error`
 
 
 django.setup(set_prefix=False)

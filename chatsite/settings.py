@@ -152,6 +152,10 @@ if REDIS_URL:
         "default": {
             "BACKEND": "django.core.cache.backends.redis.RedisCache",
             "LOCATION": REDIS_URL,
+            # The cache holds counters only (usage limits, login throttle), read
+            # on the one database thread: a Redis that stops answering must cost
+            # a request a fraction of a second, not redis-py's 5 s (chat.services.cache_or).
+            "OPTIONS": {"socket_connect_timeout": 0.5, "socket_timeout": 0.5},
         }
     }
 else:

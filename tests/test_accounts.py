@@ -142,6 +142,16 @@ def test_look_alike_spellings_of_a_username_share_its_throttle(
         assert "_auth_user_id" not in client.session
 
 
+def test_a_blank_password_does_not_reset_the_throttle(client, user, settings):
+    settings.LOGIN_FAILURE_LIMIT = 3
+    for _ in range(4):
+        client.post("/accounts/login/", {"username": "alice", "password": "wrong"})
+        client.post("/accounts/login/", {"username": "alice", "password": ""})
+    response = client.post("/accounts/login/", {"username": "alice", "password": "pw-alice-123!"})
+    assert b"Too many failed sign-in attempts" in response.content
+    assert "_auth_user_id" not in client.session
+
+
 def test_admin_login_is_throttled_too(client, settings, django_user_model):
     settings.LOGIN_FAILURE_LIMIT = 2
     django_user_model.objects.create_superuser("boss", password=PASSWORD)

@@ -156,3 +156,11 @@ async def test_the_latest_message_alone_too_long_is_cut_to_its_end(provider):
     assert fitted[0].content.startswith("规则") and fitted[1].content.endswith("结尾")
     tokens = sum(len(llama.tokenize(m.content.encode(), add_bos=False)) for m in fitted)
     assert tokens <= provider.context_tokens - 100
+
+
+def test_a_window_too_small_for_any_message_says_so(provider):
+    from chat.llm.base import ProviderError
+
+    small = LocalProvider(MODEL, context_tokens=128, threads=1)
+    with pytest.raises(ProviderError, match="context window \\(128 tokens\\) has no room"):
+        small.fit_context(provider._load(), [ChatMessage("user", "hi")], 64)

@@ -32,6 +32,7 @@ def redis_down(settings):
     }
     yield url
     settings.CACHES = caches  # the other fixtures' clean-up clears the cache
+    services._cache_failed_at = float("-inf")  # the next test's cache is up
 
 
 async def test_a_message_is_stored_and_answered_while_redis_is_down(
@@ -51,6 +52,38 @@ async def test_a_message_is_stored_and_answered_while_redis_is_down(
 async def test_stop_across_workers_while_redis_is_down_is_unreachable_not_a_500(redis_down):
     assert await replies.reply_stop_anywhere(123456) is False
     await replies.control_plane_close()
+
+
+def test_a_silent_redis_costs_its_timeout_once_not_on_every_call(redis_down, settings):
+    # A Redis that accepts connections and never answers: each call would wait for
+    # the socket timeout, on the one database thread; after one failure the cache is
+    # left alone for a while.
+    import socket
+    import time
+
+    from django.core.cache import cache
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    url = f"redis://127.0.0.1:{silent.getsockname()[1]}/0"
+    settings.CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": url,
+            "OPTIONS": {"socket_connect_timeout": 0.5, "socket_timeout": 0.5},
+        }
+    }
+    try:
+        started = time.monotonic()
+        assert services.cache_or("fallback", cache.get, "k") == "fallback"
+        first = time.monotonic() - started
+        started = time.monotonic()
+        for _ in range(20):
+            assert services.cache_or("fallback", cache.get, "k") == "fallback"
+        assert first >= 0.4 and time.monotonic() - started < 0.1
+    finally:
+        silent.close()
 
 
 def test_login_works_while_redis_is_down(user, redis_down):

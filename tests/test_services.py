@@ -351,6 +351,7 @@ def test_title_clean_and_fallback():
     assert services.title_fallback("short  question") == "short question"
     # Plain text, cut between words: no Markdown, no half word.
     assert services.title_clean("**Bold** and `code` in a title") == "Bold and code in a title"
+    assert services.title_clean("Why 5 * 3 is 15") == "Why 5 * 3 is 15"
     long = "Why do the trains in my town always arrive late when it rains on Mondays and Fridays"
     assert services.title_clean(long) == long[:79].rsplit(" ", 1)[0] + "…"
     assert len(services.title_clean(long)) <= services.TITLE_CHARS

@@ -249,6 +249,36 @@ async def test_a_reply_whose_final_save_failed_is_saved_by_the_sweep(
     assert reply_id not in writer.live and reply_id not in live_ids(journal_root())
 
 
+async def test_the_sweep_leaves_a_final_save_its_reply_is_still_retrying(
+    user, scripted, asgi_login, monkeypatch
+):
+    # The sweep saw the reply in `unfinished` while its own retry waited, saved it
+    # too, and then failed on the entry the reply had already removed (KeyError).
+    import threading
+
+    release = threading.Event()
+    _final_save_fails(monkeypatch, times=1, before_retry=lambda: release.wait(5))
+    stream = await _send(await asgi_login(user))
+    events = stream.events()
+    _, start = await anext(events)
+    await scripted.script.put("text")
+    await scripted.script.put(None)
+    writer = replies.checkpoint_writer()
+    reply_id = start["assistant_message"]
+    for _ in range(200):
+        if reply_id in writer.unfinished:
+            break
+        await asyncio.sleep(0.01)
+    sweep = asyncio.ensure_future(replies.sweep_once())  # queued behind the retry
+    await asyncio.sleep(0.05)
+    release.set()
+    assert await sweep == 0
+    await _until_end(events)
+    row = await _wait_finished(reply_id)
+    assert (row.status, row.content) == (Message.Status.COMPLETE, "text")
+    assert reply_id not in writer.unfinished
+
+
 async def test_a_final_save_the_sweep_retried_leaves_the_journal(
     user, scripted, asgi_login, monkeypatch, settings
 ):

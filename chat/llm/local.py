@@ -82,6 +82,11 @@ class LocalProvider:
             return llama.detokenize(ids).decode("utf-8", errors="ignore") if tokens > 0 else ""
 
         budget = self.context_tokens - max_tokens - TEMPLATE_TOKENS
+        if budget < 4 * MESSAGE_TOKENS:
+            raise ProviderError(
+                f"The local model's context window ({self.context_tokens} tokens) has no room "
+                f"for a message beside a reply of {max_tokens} tokens."
+            )
         system = [m for m in messages if m.role == "system"]
         turns = [m for m in messages if m.role != "system"]
         fitted_system = []
@@ -161,6 +166,8 @@ class LocalProvider:
                         completion_tokens=completion_tokens,
                     )
                 )
+        except ProviderError as exc:  # ours, already readable
+            emit(exc)
         except Exception as exc:  # noqa: BLE001 - reported to the awaiting task
             log.exception("local model failed")
             emit(ProviderError(f"The local model failed: {type(exc).__name__}."))

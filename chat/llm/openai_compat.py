@@ -108,7 +108,8 @@ def _ascii_host(host: str) -> str:
     "169\u3002254\u3002169\u3002254" (ideographic full stops), fullwidth digits
     and circled digits into plain ASCII: the checks must see what they see.
     Both of Python's IDNA mappings are tried (the codec's IDNA 2003 and the
-    idna package's UTS 46, which yarl uses) and must agree.
+    idna package's UTS 46, which yarl uses); those that accept the name must
+    agree, and a name neither accepts is refused.
     """
     if host.isascii():
         return host

@@ -209,32 +209,43 @@
       }
       scrollToBottom();
     };
+    let gone = false;
     for (let attempt = 0; ; attempt++) {
+      let events = 0;
       try {
-        await readEvents(response, onEvent);
-      } catch (err) {
-        if (err.name === "AbortError") throw err;
-      }
-      // The connection dropped; the reply itself goes on server-side.
-      if (ended || !article.dataset.id || attempt >= RECONNECT_DELAYS.length) break;
-      await sleep(RECONNECT_DELAYS[attempt]);
-      if (!active || active.controller.signal.aborted) break;
-      try {
-        response = await fetch(conversationUrl(`m/${article.dataset.id}/stream/`), {
-          signal: active.controller.signal,
+        await readEvents(response, (name, data) => {
+          events++;
+          onEvent(name, data);
         });
       } catch (err) {
-        if (err.name === "AbortError") throw err;
-        response = null;
+        /* the connection dropped mid-read: reconnect below */
       }
-      if (response && !response.ok) break; // gone (deleted): nothing to follow
-      if (!response) response = new Response(""); // offline still: the next wait
+      // The connection dropped; the reply itself goes on server-side.
+      if (events > 1) attempt = 0; // it had been following: a new drop starts afresh
+      if (ended || !article.dataset.id || attempt >= RECONNECT_DELAYS.length) break;
+      await sleep(RECONNECT_DELAYS[attempt]);
+      try {
+        response = await fetch(conversationUrl(`m/${article.dataset.id}/stream/`));
+      } catch (err) {
+        response = new Response(""); // offline still: the next wait
+      }
+      // Gone (deleted) or not ours: nothing to follow. A proxy's 502-504 or a
+      // 429 is passing: the next wait.
+      if ([403, 404, 410].includes(response.status)) {
+        gone = true;
+        break;
+      }
+      if (!response.ok) response = new Response("");
     }
     sources.set(article, view.text);
     article.removeAttribute("aria-live");
     if (!ended) {
       view.finish();
-      setStatus(article, "interrupted", "Connection lost. Reload the page to see the reply.");
+      setStatus(
+        article,
+        "interrupted",
+        gone ? "This reply is no longer there." : "Connection lost. Reload the page to see the reply.",
+      );
     }
     return { ended, titlePending };
   }
@@ -612,6 +623,11 @@
     else sidebarToggle.focus();
   }
   sidebarToggle.addEventListener("click", () => setSidebar(true));
+  // Widened past the phone layout (a tablet turned, a window resized) with the
+  // sidebar open: close it, or the inert chat could not be reached.
+  matchMedia("(max-width: 760px)").addEventListener("change", (event) => {
+    if (!event.matches && document.body.classList.contains("sidebar-open")) setSidebar(false);
+  });
   // A tap beside the open sidebar, on the dimmed chat, closes it.
   document.querySelector(".sidebar-backdrop").addEventListener("click", () => setSidebar(false));
   document.querySelector(".sidebar-close").addEventListener("click", () => setSidebar(false));
