@@ -152,9 +152,10 @@ async def message_send(request: HttpRequest, pk: int | None = None) -> HttpRespo
     if user_message.parent_id is None:  # a first message: the whole path, no need to read it
         turns = [llm.ChatMessage(user_message.role, user_message.content)]
         context = services.trim_context(conversation.system_prompt, turns, model.context_chars)
-    return await _start_reply(
-        conversation, assistant, model, {"user_message": user_message.pk}, user_message, context
-    )
+    # `parent`: what the message follows, so a page showing less (another tab
+    # sent meanwhile) knows to show the conversation again.
+    start = {"user_message": user_message.pk, "parent": user_message.parent_id}
+    return await _start_reply(conversation, assistant, model, start, user_message, context)
 
 
 @login_required

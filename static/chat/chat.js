@@ -196,6 +196,9 @@
           user.dataset.id = data.user_message;
         }
         titlePending = data.title_pending;
+        // Another tab (or device) added messages this page does not show: the
+        // model saw them, so the page shows them too once the reply is in.
+        if ("parent" in data && String(data.parent ?? "") !== active.shownLast) active.stale = true;
         adoptConversation(data);
         if (active.stopRequested) stop(); // Stop was pressed before the id was known
       } else if (name === "snapshot") {
@@ -252,10 +255,12 @@
 
   // After a reply: the page is free again first, then its controls arrive.
   function settle(result, articles) {
+    const stale = active?.stale;
     active = null;
     setBusy(false);
     if (!result?.ended) return;
-    refreshFooters(articles);
+    if (stale) window.htmx.ajax("GET", conversationUrl("messages/"), { target: "#messages", swap: "innerHTML" });
+    else refreshFooters(articles);
     if (result.titlePending) followTitle();
   }
 
@@ -349,6 +354,9 @@
       return false;
     }
     document.querySelector(".empty-hint")?.remove();
+    // The last message this page shows: the new one should follow it.
+    const shown = messages.querySelectorAll("article.message[data-id]");
+    active.shownLast = shown.length ? shown[shown.length - 1].dataset.id : "";
     const { user, article } = place();
     followBottom = true;
     scrollToBottom();

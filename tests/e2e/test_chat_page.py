@@ -588,3 +588,24 @@ def test_the_last_entrys_menu_opens_upwards_in_sight(page_for, user):
     )
     box = delete.bounding_box()
     assert box["y"] + box["height"] <= bottom + 1
+
+
+def test_a_tab_left_behind_shows_what_another_tab_sent_once_its_reply_is_in(page_for, user):
+    # The model sees the other tab's exchange as context: this page shows it too.
+    conversation = _conversation_with(user, [("first", "Echo: first")])
+    a, b = page_for(user), page_for(user)
+    a.goto(f"/c/{conversation.pk}/")
+    b.goto(f"/c/{conversation.pk}/")
+    _send(b, "from tab b", "fake-echo")
+    reply = _send(a, "from tab a", "fake-echo")
+    expect(reply.locator(".message-body")).to_have_text("Echo: from tab a")
+    bodies = a.locator("article.message .message-body")
+    expect(bodies).to_have_text(
+        ["first", "Echo: first", "from tab b", "Echo: from tab b", "from tab a", "Echo: from tab a"]
+    )
+    # A tab that was up to date keeps its page as it is (no refetch of the list).
+    requests = []
+    b.on("request", lambda r: requests.append(r.url) if "/messages/" in r.url else None)
+    b.reload()
+    _send(b, "again", "fake-echo")
+    assert not [url for url in requests if "limit=2" not in url]
