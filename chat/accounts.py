@@ -58,15 +58,8 @@ class LoginThrottle:
         return any(count >= self.limits[key] for key, count in counts.items())
 
     def record_failure(self) -> None:
-        def count():
-            for key in self.limits:
-                cache.add(key, 0, settings.LOGIN_FAILURE_WINDOW)
-                try:
-                    cache.incr(key)
-                except ValueError:  # expired between add and incr
-                    cache.set(key, 1, settings.LOGIN_FAILURE_WINDOW)
-
-        services.cache_or(None, count)
+        for key in self.limits:
+            services.cache_count(key, settings.LOGIN_FAILURE_WINDOW)
 
     def record_success(self) -> None:
         services.cache_or(None, cache.delete_many, list(self.limits)[:1])  # the pair starts afresh

@@ -1,75 +1,11 @@
-from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_async
+from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.contrib.auth import middleware as auth_middleware
 from django.contrib.messages import middleware as messages_middleware
 from django.contrib.sessions import middleware as sessions_middleware
 from django.http import HttpResponseBadRequest
 from django.middleware import clickjacking, common, csrf, security
-
-
-class ContentSecurityPolicyMiddleware:
-    """Sets the Content-Security-Policy header (no inline scripts) on every response.
-
-    Async-capable, so the ASGI request path takes no thread hop for it.
-    """
-
-    async_capable = True
-    sync_capable = True
-
-    def __init__(self, get_response):
-        self.get_response = get_response
-        self.policy = settings.CONTENT_SECURITY_POLICY
-        if iscoroutinefunction(get_response):
-            markcoroutinefunction(self)
-
-    def __call__(self, request):
-        if iscoroutinefunction(self):
-            return self.__acall__(request)
-        return self._add_header(self.get_response(request))
-
-    async def __acall__(self, request):
-        return self._add_header(await self.get_response(request))
-
-    def _add_header(self, response):
-        response.headers.setdefault("Content-Security-Policy", self.policy)
-        return response
-
-
-class RefuseNulMiddleware:
-    """Answers 400 to a NUL character in the query string or a cookie.
-
-    PostgreSQL cannot hold NUL in text, and psycopg refuses to send it: a search
-    for "%00" (the sidebar's, the admin's) or a session cookie holding one ended
-    in a 500 there and worked on SQLite. Bodies are not checked here: message
-    text keeps its NUL as U+FFFD (chat.text.clean_text), and Django's form
-    fields refuse it.
-    """
-
-    async_capable = True
-    sync_capable = True
-
-    def __init__(self, get_response):
-        self.get_response = get_response
-        if iscoroutinefunction(get_response):
-            markcoroutinefunction(self)
-
-    def __call__(self, request):
-        if iscoroutinefunction(self):
-            return self.__acall__(request)
-        return self._refusal(request) or self.get_response(request)
-
-    async def __acall__(self, request):
-        return self._refusal(request) or await self.get_response(request)
-
-    @staticmethod
-    def _refusal(request) -> HttpResponseBadRequest | None:
-        query = request.META.get("QUERY_STRING", "")
-        if "%00" in query or "\x00" in query or any("\x00" in v for v in request.COOKIES.values()):
-            return HttpResponseBadRequest(
-                "The request holds a NUL character.", content_type="text/plain"
-            )
-        return None
-
+from django.utils.deprecation import MiddlewareMixin
 
 # Django's built-in middleware run their hooks through sync_to_async under
 # ASGI: a thread hop each, a dozen per request, and most of a request's CPU
@@ -95,6 +31,37 @@ async def _session_acall(self, request):
     if request.session.modified or settings.SESSION_SAVE_EVERY_REQUEST:
         return await sync_to_async(self.process_response)(request, response)
     return self.process_response(request, response)  # headers only
+
+
+class ContentSecurityPolicyMiddleware(MiddlewareMixin):
+    """Sets the Content-Security-Policy header (no inline scripts) on every response."""
+
+    __acall__ = _inline_acall  # no thread hop for a header
+
+    def process_response(self, request, response):
+        response.headers.setdefault("Content-Security-Policy", settings.CONTENT_SECURITY_POLICY)
+        return response
+
+
+class RefuseNulMiddleware(MiddlewareMixin):
+    """Answers 400 to a NUL character in the query string or a cookie.
+
+    PostgreSQL cannot hold NUL in text, and psycopg refuses to send it: a search
+    for "%00" (the sidebar's, the admin's) or a session cookie holding one ended
+    in a 500 there and worked on SQLite. Bodies are not checked here: message
+    text keeps its NUL as U+FFFD (chat.text.clean_text), and Django's form
+    fields refuse it.
+    """
+
+    __acall__ = _inline_acall
+
+    def process_request(self, request) -> HttpResponseBadRequest | None:
+        query = request.META.get("QUERY_STRING", "")
+        if "%00" in query or "\x00" in query or any("\x00" in v for v in request.COOKIES.values()):
+            return HttpResponseBadRequest(
+                "The request holds a NUL character.", content_type="text/plain"
+            )
+        return None
 
 
 def run_hooks_inline() -> None:

@@ -51,7 +51,7 @@ def site_is_fresh() -> bool:
     """No account yet: the next sign-up makes the site's owner. A site whose first
     accounts came from `createsuperuser` or the admin has no SiteOwner row (only
     sign-up makes one), and counted as fresh: anybody could sign up as its admin."""
-    return not SiteOwner.objects.exists() and not get_user_model().objects.exists()
+    return not get_user_model().objects.exists()  # a SiteOwner row has its user
 
 
 def user_signup(*, username: str, password: str, email: str = ""):
@@ -160,14 +160,18 @@ def _hourly_key(owner_id: int) -> str:
 
 def _count_reply(owner_id: int) -> None:
     """Count a started reply against the user's hourly limit (a fixed window)."""
-    key = _hourly_key(owner_id)
+    cache_count(_hourly_key(owner_id), 3700)
+
+
+def cache_count(key: str, timeout: int) -> None:
+    """One more in the counter `key`, which expires `timeout` s after its first count."""
 
     def count():
-        cache.add(key, 0, 3700)
+        cache.add(key, 0, timeout)
         try:
             cache.incr(key)
         except ValueError:  # expired between add and incr
-            cache.set(key, 1, 3700)
+            cache.set(key, 1, timeout)
 
     cache_or(None, count)
 

@@ -63,22 +63,20 @@ class ChatASGIHandler(ASGIHandler):
         limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
         if limit is None:
             return await super().read_body(receive)
-        kept = 0
+        size = 0
 
         async def receive_within_limit():
-            nonlocal kept
+            nonlocal size
             message = await receive()
             body = message.get("body")
-            if body and kept is not None:
-                kept += len(body)
-                if kept > limit:
-                    kept = None
-            if body and kept is None:
-                message = {**message, "body": b""}
+            if body:
+                size += len(body)
+                if size > limit:
+                    message = {**message, "body": b""}
             return message
 
         body_file = await super().read_body(receive_within_limit)
-        if kept is None:
+        if size > limit:
             body_file.close()
             return _DroppedBody()  # create_request answers 413
         return body_file
@@ -101,23 +99,14 @@ class _DroppedBody(io.BytesIO):
 def _body_too_large(scope) -> HttpResponse:
     message = f"The request body is larger than {settings.DATA_UPLOAD_MAX_MEMORY_SIZE:,} bytes."
     if scope["path"].startswith("/v1/"):  # the API answers in OpenAI's shape
-        return JsonResponse(
-            {
-                "error": {
-                    "message": message,
-                    "type": "invalid_request_error",
-                    "param": None,
-                    "code": None,
-                }
-            },
-            status=413,
-        )
+        return ApiError(message, 413).response()
     return JsonResponse({"error": message}, status=413)  # the chat page reads `error`
 
 
 django.setup(set_prefix=False)
 
 from chat import llm  # noqa: E402  (needs the apps loaded)
+from chat.api import ApiError  # noqa: E402
 from chat.replies import sweeper_ensure  # noqa: E402
 from chat.streaming import (  # noqa: E402
     DISCONNECT_HOOKS,
